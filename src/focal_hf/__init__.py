@@ -1,0 +1,32 @@
+# Copyright 2026 The focal-hf authors. Licensed under the Apache License, Version 2.0.
+"""Focal Transformer for Hugging Face Transformers. Importing this package registers `model_type="focal"` with
+`AutoConfig`, `AutoModel`, `AutoModelForImageClassification` and `AutoBackbone`."""
+
+from transformers import (
+    AutoBackbone,
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+)
+
+from .configuration_focal import FocalConfig
+from .modeling_focal import FocalBackbone, FocalForImageClassification, FocalModel, FocalPreTrainedModel
+from .original import convert_original_state_dict, load_original_checkpoint, official_config
+
+__version__ = "0.1.0"
+
+AutoConfig.register(FocalConfig.model_type, FocalConfig, exist_ok=True)
+AutoModel.register(FocalConfig, FocalModel, exist_ok=True)
+AutoModelForImageClassification.register(FocalConfig, FocalForImageClassification, exist_ok=True)
+AutoBackbone.register(FocalConfig, FocalBackbone, exist_ok=True)
+
+__all__ = [
+    "FocalBackbone",
+    "FocalConfig",
+    "FocalForImageClassification",
+    "FocalModel",
+    "FocalPreTrainedModel",
+    "convert_original_state_dict",
+    "load_original_checkpoint",
+    "official_config",
+]

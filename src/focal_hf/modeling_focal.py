@@ -1,0 +1,859 @@
+# Copyright 2026 The focal-hf authors. Licensed under the Apache License, Version 2.0.
+"""PyTorch Focal Transformer (Yang et al., "Focal Self-attention for Local-Global Interactions in Vision Transformers").
+
+Each block attends, from every window of `window_size**2` query tokens,
+1. the window's own tokens (fine-grained, with a relative position bias),
+2. the fine-grained tokens around the window, up to `expand_size` away ("expanded" window), and
+3. for each further focal level, the tokens of a map where sub-windows are pooled into one token, in a
+   neighbourhood of windows around it (coarse-grained).
+All keys of a window are gathered with one precomputed index map per input size, and the position biases and
+masks are combined into one additive attention bias, so the attention itself is a plain (eager or SDPA) call.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BackboneOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, auto_docstring
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_focal import FocalBlockGeometry, FocalConfig, pooled_window_size
+
+# The official code masks with -100 (not -inf): padded pooled windows and shifted-window boundaries.
+MASK_VALUE = -100.0
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+@dataclass
+class FocalEncoderOutput(ModelOutput):
+    r"""
+    reshaped_hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        The embeddings' output and each stage's output as `(batch_size, channels, height, width)` maps.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    reshaped_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class FocalModelOutput(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_tokens, hidden_size)`):
+        Final-LayerNorm'd tokens of the last stage, row-major.
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
+        Average of `last_hidden_state` over the tokens.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        The embeddings' output and each stage's output (after its downsampling), `(batch_size, tokens, channels)`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`, eager attention):
+        For each stage, the attention probabilities of its last block,
+        `(batch_size * num_windows, num_heads, window_size**2, num_keys)`.
+    reshaped_hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        `hidden_states` as `(batch_size, channels, height, width)` maps.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    reshaped_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class FocalImageClassifierOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `labels` is provided):
+        Classification (or regression if `config.num_labels==1`) loss.
+    logits (`torch.FloatTensor` of shape `(batch_size, config.num_labels)`):
+        Classification (or regression if `config.num_labels==1`) scores (before SoftMax).
+    hidden_states, attentions, reshaped_hidden_states:
+        As in [`FocalModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    reshaped_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ------------------------------------------------------------------------------------------ window geometry
+def window_partition(hidden_states: torch.Tensor, window_size: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, num_windows, window_size**2, C), windows and their tokens row-major."""
+    batch_size, height, width, channels = hidden_states.shape
+    hidden_states = hidden_states.view(
+        batch_size, height // window_size, window_size, width // window_size, window_size, channels
+    )
+    return hidden_states.permute(0, 1, 3, 2, 4, 5).reshape(batch_size, -1, window_size * window_size, channels)
+
+
+def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
+    """(B, num_windows, window_size**2, C) -> (B, H, W, C); the inverse of `window_partition`."""
+    batch_size, _, _, channels = windows.shape
+    windows = windows.view(
+        batch_size, height // window_size, width // window_size, window_size, window_size, channels
+    )
+    return windows.permute(0, 1, 3, 2, 4, 5).reshape(batch_size, height, width, channels)
+
+
+def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
+    """Index `(query_size**2, key_size**2)` into a `((query_size + key_size - 1) ** 2)` bias table, for a
+    `query_size` window and a `key_size` grid of keys both anchored at their top-left corners."""
+    query = torch.stack(torch.meshgrid(torch.arange(query_size), torch.arange(query_size), indexing="ij")).flatten(1)
+    key = torch.stack(torch.meshgrid(torch.arange(key_size), torch.arange(key_size), indexing="ij")).flatten(1)
+    relative = query[:, :, None] - key[:, None, :] + (key_size - 1)  # 2, Nq, Nk, both in [0, q + k - 2]
+    return relative[0] * (query_size + key_size - 1) + relative[1]
+
+
+def neighbor_offsets(window_size: int, expand_size: int) -> torch.Tensor:
+    """Offsets `(num_neighbors, 2)` from a window's top-left token to the tokens around it that a window with
+    `expand_size` attends, in the official order: the four windows shifted diagonally by `expand_size`
+    (towards bottom-right, bottom-left, top-right, top-left), each without the part inside the window."""
+    rows, cols = torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij")
+    offsets = []
+    for d_row, d_col in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
+        inside_rows = rows < window_size - expand_size if d_row > 0 else rows >= expand_size
+        inside_cols = cols < window_size - expand_size if d_col > 0 else cols >= expand_size
+        outside = ~(inside_rows & inside_cols)
+        offsets.append(torch.stack((rows + d_row * expand_size, cols + d_col * expand_size), -1)[outside])
+    return torch.cat(offsets)
+
+
+def pooled_neighborhood(focal_window: int, level: int) -> tuple[int, torch.Tensor]:
+    """Size and `(num_keys, 2)` offsets of the neighbourhood of pooled tokens a window attends at pooled level
+    `level`, relative to the window's own position on that level's map (official unfold, valid part only)."""
+    stride = 2**level
+    kernel = 2 * (focal_window // 2) + 2 * stride - 1
+    first = stride - 1  # the official code keeps the kernel's last `focal_window + stride - 1` rows/cols
+    index = torch.arange(first, kernel) - kernel // 2
+    rows, cols = torch.meshgrid(index, index, indexing="ij")
+    return kernel - first, torch.stack((rows, cols), -1).flatten(0, 1)
+
+
+def shift_window_mask(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor:
+    """Swin's shifted-window mask `(num_windows, window_size**2, window_size**2)`: 0 within a region, -100 across."""
+    def regions(size):
+        index = torch.arange(size)
+        return (index >= size - window_size).long() + (index >= size - shift_size).long()
+
+    labels = (regions(height)[:, None] * 3 + regions(width)[None, :])[None, :, :, None].float()
+    labels = window_partition(labels, window_size)[0, :, :, 0]  # num_windows, window_size**2
+    return (labels[:, None, :] != labels[:, :, None]).float() * MASK_VALUE
+
+
+@dataclass(frozen=True)
+class FocalKeyLayout:
+    """Where each window's keys come from, for one padded input size.
+
+    key_index (`(num_windows, num_keys)`): index into the key source, the concatenation of the fine-grained
+        map (`height * width` tokens), each pooled map, and one all-zero token for pooled positions outside the map.
+    key_mask (`(num_windows, 1 or window_size**2, num_keys)`): additive mask, -100 on padded pooled positions and
+        across shifted-window regions; `None` where nothing is masked.
+    """
+
+    key_index: torch.Tensor
+    key_mask: torch.Tensor | None
+
+
+@functools.lru_cache(maxsize=256)
+def focal_key_layout(height: int, width: int, geometry: FocalBlockGeometry, device: torch.device) -> FocalKeyLayout:
+    """The key layout of a block with `geometry` on a padded `height x width` map (multiples of the window).
+
+    Built once per (size, block geometry, device) and cached: nothing here is recomputed on a forward pass.
+    """
+    window_size = geometry.window_size
+    grid_h, grid_w = height // window_size, width // window_size
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    window_rows, window_cols = rows.flatten(), cols.flatten()  # position of each window on the window grid
+
+    # fine level: the window's own tokens, then (official order) the surrounding ones; torch.roll wraps around
+    in_window = torch.stack(
+        torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij"), -1
+    ).flatten(0, 1)
+    offsets = in_window
+    if geometry.has_neighbors:
+        offsets = torch.cat((in_window, neighbor_offsets(window_size, geometry.expand_size)))
+    token_rows = (window_rows[:, None] * window_size + offsets[None, :, 0]) % height
+    token_cols = (window_cols[:, None] * window_size + offsets[None, :, 1]) % width
+    indices = [token_rows * width + token_cols]
+    masks = [torch.zeros(indices[0].shape)]
+
+    # pooled levels: a neighbourhood around the window on each pooled map, zero-padded at the border
+    num_pooled_tokens = [(grid_h * 2**level) * (grid_w * 2**level) for level in range(geometry.num_pooled_levels)]
+    zero_token = height * width + sum(num_pooled_tokens)
+    start = height * width
+    for level in range(geometry.num_pooled_levels):
+        stride, map_h, map_w = 2**level, grid_h * 2**level, grid_w * 2**level
+        _, pooled_offsets = pooled_neighborhood(geometry.focal_window, level)
+        pooled_rows = window_rows[:, None] * stride + pooled_offsets[None, :, 0]
+        pooled_cols = window_cols[:, None] * stride + pooled_offsets[None, :, 1]
+        valid = (pooled_rows >= 0) & (pooled_rows < map_h) & (pooled_cols >= 0) & (pooled_cols < map_w)
+        index = start + pooled_rows.clamp(0, map_h - 1) * map_w + pooled_cols.clamp(0, map_w - 1)
+        indices.append(torch.where(valid, index, zero_token))
+        masks.append((~valid).float() * MASK_VALUE)
+        start += num_pooled_tokens[level]
+
+    key_index = torch.cat(indices, dim=1)
+    key_mask = torch.cat(masks, dim=1)[:, None, :]  # num_windows, 1, num_keys
+    if geometry.shift_size > 0:
+        window_area = window_size * window_size
+        shift_mask = shift_window_mask(height, width, window_size, geometry.shift_size)
+        key_mask = key_mask.expand(-1, window_area, -1).clone()
+        key_mask[:, :, :window_area] += shift_mask
+    has_mask = bool((key_mask != 0).any())
+    return FocalKeyLayout(key_index.to(device), key_mask.to(device) if has_mask else None)
+
+
+# -------------------------------------------------------------------------------------------------- modules
+class FocalDropPath(nn.Module):
+    """Stochastic depth per sample on a residual branch; identity when `drop_prob` is 0 or in eval mode."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep_prob = 1 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        random_tensor = torch.floor(keep_prob + torch.rand(shape, dtype=hidden_states.dtype, device=hidden_states.device))
+        return hidden_states.div(keep_prob) * random_tensor
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class FocalPatchEmbeddings(nn.Module):
+    """The stem (`is_stem=True`) or a stage's downsampling layer:
+    `(batch_size, in_channels, height, width)` -> `(batch_size, height' * width', out_channels)`, `(height', width')`.
+
+    A non-overlapping `patch_size` (stem) or 2x2 (downsampling) projection, or with `use_conv_embed` an overlapping
+    7x7/stride-4 (stem) or 3x3/stride-2 convolution; optionally a one-group GroupNorm before and a LayerNorm after.
+    """
+
+    def __init__(self, config: FocalConfig, in_channels: int, out_channels: int, is_stem: bool):
+        super().__init__()
+        if config.use_conv_embed:
+            kernel_size, stride, padding = (7, 4, 2) if is_stem else (3, 2, 1)
+        else:
+            kernel_size = stride = config.patch_size if is_stem else 2
+            padding = 0
+        self.pre_norm = nn.GroupNorm(1, in_channels, eps=config.layer_norm_eps) if config.use_pre_norm else None
+        self.projection = nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=padding)
+        has_norm = config.patch_norm or not is_stem
+        self.norm = nn.LayerNorm(out_channels, eps=config.layer_norm_eps) if has_norm else None
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if self.pre_norm is not None:
+            pixel_values = self.pre_norm(pixel_values)
+        embeddings = self.projection(pixel_values)
+        output_dimensions = embeddings.shape[-2:]
+        embeddings = embeddings.flatten(2).transpose(1, 2)
+        if self.norm is not None:
+            embeddings = self.norm(embeddings)
+        return embeddings, (output_dimensions[0], output_dimensions[1])
+
+
+class FocalEmbeddings(nn.Module):
+    """Stem, optional absolute position embedding and dropout: pixels -> `(batch_size, tokens, embed_dim)`."""
+
+    def __init__(self, config: FocalConfig):
+        super().__init__()
+        self.patch_embeddings = FocalPatchEmbeddings(config, config.num_channels, config.embed_dim, is_stem=True)
+        self.grid_size = config.stage_grid(0)
+        self.position_embeddings = (
+            nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], config.embed_dim))
+            if config.use_absolute_embeddings
+            else None
+        )
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """The absolute position embedding for a `height x width` token grid: as trained at the configured size,
+        resized bicubically otherwise."""
+        if (height, width) == self.grid_size:
+            return self.position_embeddings
+        dim = self.position_embeddings.shape[-1]
+        grid = self.position_embeddings.reshape(1, *self.grid_size, dim).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
+        return grid.permute(0, 2, 3, 1).reshape(1, height * width, dim)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        embeddings, output_dimensions = self.patch_embeddings(pixel_values)
+        if self.position_embeddings is not None:
+            embeddings = embeddings + self.interpolate_pos_encoding(*output_dimensions)
+        return self.dropout(embeddings), output_dimensions
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+):
+    """Plain attention with an additive float bias, as the official code computes it."""
+    attn_weights = torch.matmul(query * scaling, key.transpose(-2, -1))
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class FocalWindowPooling(nn.Module):
+    """Pools the (padded, shifted) map into one token per sub-window for each coarse focal level:
+    `(batch_size, height, width, channels)` -> per level `(batch_size, grid_h * 2**level, grid_w * 2**level, channels)`.
+
+    Level `k` pools sub-windows of `window_size // 2**k` tokens on the map trimmed or zero-padded centrally to
+    `2**k` sub-windows per window (official behaviour). `fc` is a linear weighting of a sub-window's tokens shared
+    by all channels, `conv` a depth-wise convolution, `mean`/`max` have no weights.
+    """
+
+    def __init__(self, geometry: FocalBlockGeometry, dim: int):
+        super().__init__()
+        self.window_size = geometry.window_size
+        self.pool_method = geometry.pool_method
+        self.num_levels = geometry.num_pooled_levels
+        sizes = [pooled_window_size(self.window_size, level) for level in range(self.num_levels)]
+        if self.pool_method == "fc":
+            self.pool_layers = nn.ModuleList(nn.Linear(size * size, 1) for size in sizes)
+        elif self.pool_method == "conv":
+            self.pool_layers = nn.ModuleList(nn.Conv2d(dim, dim, size, stride=size, groups=dim) for size in sizes)
+        else:
+            self.pool_layers = None
+
+    @staticmethod
+    def _center_fit(size: int, target: int) -> tuple[int, int]:
+        """F.pad amounts that trim (negative) or zero-pad `size` to `target` centrally, the extra one at the end."""
+        difference = target - size
+        before = int(math.copysign(abs(difference) // 2, difference))
+        return before, difference - before
+
+    def pool_level(self, hidden_states: torch.Tensor, level: int) -> torch.Tensor:
+        """`(batch_size, channels, height, width)` -> `(batch_size, channels, grid_h * 2**level, grid_w * 2**level)`."""
+        size = pooled_window_size(self.window_size, level)
+        channels, height, width = hidden_states.shape[1:]
+        target_h = height // self.window_size * 2**level * size
+        target_w = width // self.window_size * 2**level * size
+        hidden_states = F.pad(hidden_states, (*self._center_fit(width, target_w), *self._center_fit(height, target_h)))
+        if self.pool_method == "mean":
+            return F.avg_pool2d(hidden_states, size)
+        if self.pool_method == "max":
+            return F.max_pool2d(hidden_states, size)
+        layer = self.pool_layers[level]
+        if self.pool_method == "conv":
+            return layer(hidden_states)
+        weight = layer.weight.view(1, 1, size, size).expand(channels, 1, size, size)
+        return F.conv2d(hidden_states, weight, layer.bias.expand(channels), stride=size, groups=channels)
+
+    def forward(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
+        channels_first = hidden_states.permute(0, 3, 1, 2)
+        return [self.pool_level(channels_first, level).permute(0, 2, 3, 1) for level in range(self.num_levels)]
+
+
+class FocalSelfAttention(nn.Module):
+    """Focal self-attention of one block.
+
+    Takes the padded, shifted map `(batch_size, height, width, dim)` and its pooled maps, returns
+    `(batch_size, height, width, dim)` and, for eager attention, the probabilities
+    `(batch_size * num_windows, num_heads, window_size**2, num_keys)`.
+    """
+
+    def __init__(self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry):
+        super().__init__()
+        self.config = config
+        self.geometry = geometry
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scaling = config.qk_scale or self.head_dim**-0.5
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.is_causal = False
+        window_size = geometry.window_size
+        window_area = window_size * window_size
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=config.qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
+
+        # position bias of the window's own tokens, of its surroundings, and of each pooled neighbourhood
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", self._position_index(), persistent=False)
+        if geometry.has_neighbors:
+            num_neighbors = 4 * window_area - 4 * (window_size - geometry.expand_size) ** 2
+            self.relative_position_bias_table_to_neighbors = nn.Parameter(
+                torch.zeros(1, num_heads, window_area, num_neighbors)
+            )
+        else:
+            self.relative_position_bias_table_to_neighbors = None
+        self.relative_position_bias_table_to_windows = nn.ParameterList(
+            nn.Parameter(torch.zeros(num_heads, (window_size + side - 1) ** 2))
+            for side in self._pooled_sides()
+        )
+        for level, index in enumerate(self._pooled_indices()):
+            self.register_buffer(f"relative_position_index_to_windows_{level}", index, persistent=False)
+
+    def _pooled_sides(self) -> list[int]:
+        return [
+            pooled_neighborhood(self.geometry.focal_window, level)[0]
+            for level in range(self.geometry.num_pooled_levels)
+        ]
+
+    def _position_index(self) -> torch.Tensor:
+        return relative_position_index(self.geometry.window_size, self.geometry.window_size).flatten()
+
+    def _pooled_indices(self) -> list[torch.Tensor]:
+        return [relative_position_index(self.geometry.window_size, side).flatten() for side in self._pooled_sides()]
+
+    def reset_position_indices(self) -> None:
+        """Recompute the index buffers (they are not saved; `from_pretrained` builds them on the meta device)."""
+        init.copy_(self.relative_position_index, self._position_index())
+        for level, index in enumerate(self._pooled_indices()):
+            init.copy_(getattr(self, f"relative_position_index_to_windows_{level}"), index)
+
+    def position_bias(self) -> torch.Tensor:
+        """Additive position bias `(num_heads, window_size**2, num_keys)` in the key order of `focal_key_layout`."""
+        window_area = self.geometry.window_size**2
+        biases = [self.relative_position_bias_table[self.relative_position_index].view(window_area, window_area, -1)
+                  .permute(2, 0, 1)]
+        if self.relative_position_bias_table_to_neighbors is not None:
+            biases.append(self.relative_position_bias_table_to_neighbors[0])
+        for level, table in enumerate(self.relative_position_bias_table_to_windows):
+            index = getattr(self, f"relative_position_index_to_windows_{level}")
+            biases.append(table[:, index].view(self.num_heads, window_area, -1))
+        return torch.cat(biases, dim=-1)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        pooled_states: list[torch.Tensor],
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, height, width, dim = hidden_states.shape
+        window_size = self.geometry.window_size
+        window_area = window_size * window_size
+        layout = focal_key_layout(height, width, self.geometry, hidden_states.device)
+        num_windows, num_keys = layout.key_index.shape
+
+        query, key_value = self.qkv(hidden_states).split((dim, 2 * dim), dim=-1)
+        # key/value source: fine tokens, pooled tokens (only their keys and values are needed), one zero token
+        sources = [key_value.reshape(batch_size, height * width, 2 * dim)]
+        kv_weight, kv_bias = self.qkv.weight[dim:], None if self.qkv.bias is None else self.qkv.bias[dim:]
+        sources += [F.linear(pooled.flatten(1, 2), kv_weight, kv_bias) for pooled in pooled_states]
+        if pooled_states:
+            sources.append(key_value.new_zeros(batch_size, 1, 2 * dim))
+        key_value = torch.cat(sources, dim=1) if len(sources) > 1 else sources[0]
+
+        # windows become attention "heads": (batch, num_windows * num_heads, tokens, head_dim)
+        key_value = key_value[:, layout.key_index.flatten()]
+        key_value = key_value.view(batch_size, num_windows, num_keys, 2, self.num_heads, self.head_dim)
+        key_value = key_value.permute(3, 0, 1, 4, 2, 5).reshape(2, batch_size, num_windows * self.num_heads, num_keys,
+                                                                 self.head_dim)
+        query = window_partition(query, window_size).view(batch_size, num_windows, window_area, self.num_heads,
+                                                          self.head_dim)
+        query = query.transpose(2, 3).reshape(batch_size, num_windows * self.num_heads, window_area, self.head_dim)
+
+        bias = self.position_bias().to(query.dtype)  # num_heads, window_area, num_keys
+        if layout.key_mask is not None:
+            bias = bias[None] + layout.key_mask[:, None].to(query.dtype)
+        else:
+            bias = bias[None].expand(num_windows, -1, -1, -1)
+        bias = bias.reshape(1, num_windows * self.num_heads, window_area, num_keys)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key_value[0],
+            key_value[1],
+            bias,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        # (batch, window_area, num_windows * num_heads, head_dim) -> (batch, num_windows, window_area, dim)
+        attn_output = attn_output.reshape(batch_size, window_area, num_windows, dim).transpose(1, 2)
+        attn_output = self.proj_dropout(self.proj(attn_output))
+        attn_output = window_reverse(attn_output, window_size, height, width)
+        if attn_weights is not None:
+            attn_weights = attn_weights.reshape(batch_size * num_windows, self.num_heads, window_area, num_keys)
+        return attn_output, attn_weights
+
+
+class FocalMLP(nn.Module):
+    """Position-wise MLP: `(..., dim)` -> `(..., dim)`."""
+
+    def __init__(self, config: FocalConfig, dim: int):
+        super().__init__()
+        hidden_dim = int(dim * config.mlp_ratio)
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(self.act(self.fc1(hidden_states)))
+        return self.dropout(self.fc2(hidden_states))
+
+
+class FocalLayer(GradientCheckpointingLayer):
+    """One Focal Transformer block: `(batch_size, height * width, dim)` -> same shape, and its attention weights."""
+
+    def __init__(self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry,
+                 drop_path_rate: float = 0.0):
+        super().__init__()
+        self.geometry = geometry
+        self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.window_pooling = FocalWindowPooling(geometry, dim) if geometry.num_pooled_levels else None
+        self.attention = FocalSelfAttention(config, dim, num_heads, geometry)
+        self.drop_path = FocalDropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
+        self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = FocalMLP(config, dim)
+        if config.use_layerscale:
+            self.layer_scale_1 = nn.Parameter(torch.full((dim,), float(config.layerscale_value)))
+            self.layer_scale_2 = nn.Parameter(torch.full((dim,), float(config.layerscale_value)))
+        else:
+            self.layer_scale_1 = self.layer_scale_2 = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        input_dimensions: tuple[int, int],
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        height, width = input_dimensions
+        batch_size, _, channels = hidden_states.shape
+        window_size, shift_size = self.geometry.window_size, self.geometry.shift_size
+        shortcut = hidden_states
+
+        hidden_states = self.layernorm_before(hidden_states).view(batch_size, height, width, channels)
+        # pad to whole windows (right and bottom), then shift cyclically (SW-MSA)
+        pad_h, pad_w = -height % window_size, -width % window_size
+        if pad_h or pad_w:
+            hidden_states = F.pad(hidden_states, (0, 0, 0, pad_w, 0, pad_h))
+        if shift_size:
+            hidden_states = torch.roll(hidden_states, shifts=(-shift_size, -shift_size), dims=(1, 2))
+        pooled_states = self.window_pooling(hidden_states) if self.window_pooling is not None else []
+
+        attention_output, attn_weights = self.attention(hidden_states, pooled_states, **kwargs)
+
+        if shift_size:
+            attention_output = torch.roll(attention_output, shifts=(shift_size, shift_size), dims=(1, 2))
+        attention_output = attention_output[:, :height, :width].reshape(batch_size, height * width, channels)
+        if self.layer_scale_1 is not None:
+            attention_output = self.layer_scale_1 * attention_output
+        hidden_states = shortcut + self.drop_path(attention_output)
+
+        mlp_output = self.mlp(self.layernorm_after(hidden_states))
+        if self.layer_scale_2 is not None:
+            mlp_output = self.layer_scale_2 * mlp_output
+        hidden_states = hidden_states + self.drop_path(mlp_output)
+        return hidden_states, attn_weights
+
+
+class FocalStage(GradientCheckpointingLayer):
+    """A stage: its blocks, then (except the last stage) a downsampling patch embedding.
+
+    Returns the stage output (after downsampling), its `(batch_size, channels, height, width)` map (before
+    downsampling when `output_hidden_states_before_downsampling`) and the last block's attention weights.
+    """
+
+    def __init__(self, config: FocalConfig, stage: int, drop_path: list[float]):
+        super().__init__()
+        dim = config.embed_dim * 2**stage
+        self.blocks = nn.ModuleList(
+            FocalLayer(config, dim, config.num_heads[stage], config.block_geometry(stage, block), drop_path[block])
+            for block in range(config.depths[stage])
+        )
+        is_last = stage == len(config.depths) - 1
+        self.downsample = None if is_last else FocalPatchEmbeddings(config, dim, 2 * dim, is_stem=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        input_dimensions: tuple[int, int],
+        output_hidden_states_before_downsampling: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        height, width = input_dimensions
+        attn_weights = None
+        for block in self.blocks:
+            hidden_states, attn_weights = block(hidden_states, input_dimensions, **kwargs)
+
+        batch_size, _, channels = hidden_states.shape
+        spatial = hidden_states.transpose(1, 2).reshape(batch_size, channels, height, width)
+        reshaped = spatial
+        output_dimensions = input_dimensions
+        if self.downsample is not None:
+            hidden_states, output_dimensions = self.downsample(spatial)
+            if not output_hidden_states_before_downsampling:
+                reshaped = hidden_states.transpose(1, 2).reshape(batch_size, -1, *output_dimensions)
+        return hidden_states, reshaped, attn_weights, output_dimensions
+
+
+@auto_docstring
+class FocalPreTrainedModel(PreTrainedModel):
+    config: FocalConfig
+    config_class = FocalConfig
+    base_model_prefix = "focal"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FocalStage"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(FocalStage, index=0, capture_initial_hidden_state=True),
+        "attentions": OutputRecorder(FocalStage, index=2, capture_initial_hidden_state=False),
+    }
+
+    def _init_weights(self, module):
+        """Truncated-normal linear layers and bias tables as the official code; pooling starts as a mean."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+        if isinstance(module, FocalEmbeddings) and module.position_embeddings is not None:
+            init.trunc_normal_(module.position_embeddings, std=std)
+        elif isinstance(module, FocalWindowPooling) and module.pool_method == "fc":
+            for layer in module.pool_layers:
+                init.constant_(layer.weight, 1.0 / layer.weight.shape[-1])
+                init.zeros_(layer.bias)
+        elif isinstance(module, FocalSelfAttention):
+            init.trunc_normal_(module.relative_position_bias_table, std=std)
+            if module.relative_position_bias_table_to_neighbors is not None:
+                init.trunc_normal_(module.relative_position_bias_table_to_neighbors, std=std)
+            for table in module.relative_position_bias_table_to_windows:
+                init.trunc_normal_(table, std=std)
+            module.reset_position_indices()
+        elif isinstance(module, FocalLayer) and module.layer_scale_1 is not None:
+            init.constant_(module.layer_scale_1, self.config.layerscale_value)
+            init.constant_(module.layer_scale_2, self.config.layerscale_value)
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """Raise a `ValueError` saying what is expected unless `pixel_values` is a usable image batch."""
+        expected = (
+            f"Expected pixel_values of shape (batch_size, {self.config.num_channels}, height, width) with height "
+            f"and width >= {self.config.total_stride} (the model's total stride)"
+        )
+        if not isinstance(pixel_values, torch.Tensor):
+            raise ValueError(f"{expected}, got {type(pixel_values).__name__}.")
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(f"{expected}, got shape {tuple(pixel_values.shape)}.")
+        if min(pixel_values.shape[-2:]) < self.config.total_stride:
+            raise ValueError(f"{expected}, got {tuple(pixel_values.shape[-2:])}.")
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"{expected} as a floating-point tensor, got {pixel_values.dtype}.")
+
+
+class FocalEncoder(FocalPreTrainedModel):
+    def __init__(self, config: FocalConfig):
+        super().__init__(config)
+        total = sum(config.depths)
+        rates = torch.linspace(0, config.drop_path_rate, total, device="cpu").tolist()  # linear stochastic depth
+        starts = [sum(config.depths[:stage]) for stage in range(len(config.depths))]
+        self.layers = nn.ModuleList(
+            FocalStage(config, stage, rates[start : start + depth])
+            for stage, (start, depth) in enumerate(zip(starts, config.depths))
+        )
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        input_dimensions: tuple[int, int],
+        output_hidden_states: bool = False,
+        output_hidden_states_before_downsampling: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> FocalEncoderOutput:
+        r"""
+        hidden_states (`(batch_size, height * width, embed_dim)`): the embeddings.
+        input_dimensions (`tuple[int, int]`): their token grid `(height, width)`.
+        output_hidden_states_before_downsampling (`bool`): `reshaped_hidden_states` holds each stage's map before
+            its downsampling (what `FocalBackbone` outputs) instead of after.
+        """
+        reshaped_hidden_states = None
+        if output_hidden_states:
+            batch_size, _, channels = hidden_states.shape
+            reshaped_hidden_states = (hidden_states.transpose(1, 2).reshape(batch_size, channels, *input_dimensions),)
+        for stage in self.layers:
+            hidden_states, reshaped, _, input_dimensions = stage(
+                hidden_states,
+                input_dimensions,
+                output_hidden_states_before_downsampling=output_hidden_states_before_downsampling,
+                **kwargs,
+            )
+            if output_hidden_states:
+                reshaped_hidden_states += (reshaped,)
+        return FocalEncoderOutput(last_hidden_state=hidden_states, reshaped_hidden_states=reshaped_hidden_states)
+
+
+@auto_docstring
+class FocalModel(FocalPreTrainedModel):
+    def __init__(self, config: FocalConfig, add_pooling_layer: bool = True):
+        r"""
+        add_pooling_layer (`bool`, *optional*, defaults to `True`):
+            Whether to average the final tokens into `pooler_output`.
+        """
+        super().__init__(config)
+        self.num_features = config.hidden_size
+        self.embeddings = FocalEmbeddings(config)
+        self.encoder = FocalEncoder(config)
+        self.layernorm = nn.LayerNorm(self.num_features, eps=config.layer_norm_eps)
+        self.pooler = nn.AdaptiveAvgPool1d(1) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> FocalPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    @can_return_tuple
+    @auto_docstring
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_hidden_states_before_downsampling: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> FocalModelOutput:
+        r"""
+        output_hidden_states_before_downsampling (`bool`, *optional*, defaults to `False`):
+            Whether `reshaped_hidden_states` holds each stage's map before its downsampling.
+        """
+        self.check_pixel_values(pixel_values)
+        output_hidden_states = kwargs.pop("output_hidden_states", self.config.output_hidden_states)
+        embedding_output, input_dimensions = self.embeddings(pixel_values)
+        encoder_outputs = self.encoder(
+            embedding_output,
+            input_dimensions,
+            output_hidden_states=output_hidden_states,
+            output_hidden_states_before_downsampling=output_hidden_states_before_downsampling,
+            **kwargs,
+        )
+        sequence_output = self.layernorm(encoder_outputs.last_hidden_state)
+        pooled_output = None
+        if self.pooler is not None:
+            pooled_output = torch.flatten(self.pooler(sequence_output.transpose(1, 2)), 1)
+        return FocalModelOutput(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=encoder_outputs.hidden_states,
+            attentions=encoder_outputs.attentions,
+            reshaped_hidden_states=encoder_outputs.reshaped_hidden_states,
+        )
+
+
+@auto_docstring(
+    custom_intro="""
+    Focal Transformer with an image classification head (a linear layer on the average-pooled final tokens), e.g.
+    for ImageNet.
+    """
+)
+class FocalForImageClassification(FocalPreTrainedModel):
+    def __init__(self, config: FocalConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.focal = FocalModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @can_return_tuple
+    @auto_docstring
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> FocalImageClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Labels for the loss: class indices in `[0, config.num_labels)` (cross-entropy), floats for regression
+            when `config.num_labels == 1`, or multi-hot rows with `problem_type="multi_label_classification"`.
+        """
+        outputs = self.focal(pixel_values, **kwargs)
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+        return FocalImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            reshaped_hidden_states=outputs.reshaped_hidden_states,
+        )
+
+
+@auto_docstring(
+    custom_intro="""
+    Focal Transformer backbone, to be used with frameworks like UperNet, DETR and Mask2Former.
+    """
+)
+class FocalBackbone(BackboneMixin, FocalPreTrainedModel):
+    _keys_to_ignore_on_load_missing = [r"focal\.layernorm\.", r"hidden_states_norms\."]
+
+    def __init__(self, config: FocalConfig):
+        super().__init__(config)
+        self.num_features = [config.embed_dim] + [config.embed_dim * 2**i for i in range(len(config.depths))]
+        self.focal = FocalModel(config, add_pooling_layer=False)
+        self.hidden_states_norms = nn.ModuleDict(
+            {stage: nn.LayerNorm(channels, eps=config.layer_norm_eps)
+             for stage, channels in zip(self.out_features, self.channels)}
+        )
+        self.post_init()
+
+    @can_return_tuple
+    @filter_output_hidden_states
+    @auto_docstring
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
+        r"""
+        Returns `feature_maps`: for each of `config.out_features`, the stage's output before its downsampling,
+        LayerNorm'd, as `(batch_size, channels, height, width)`.
+        """
+        kwargs["output_hidden_states"] = True
+        outputs = self.focal(pixel_values, output_hidden_states_before_downsampling=True, **kwargs)
+        feature_maps = tuple(
+            self.hidden_states_norms[stage](hidden_state.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+            for stage, hidden_state in zip(self.stage_names, outputs.reshaped_hidden_states)
+            if stage in self.out_features
+        )
+        return BackboneOutput(
+            feature_maps=feature_maps,
+            hidden_states=outputs.reshaped_hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "FocalBackbone",
+    "FocalForImageClassification",
+    "FocalModel",
+    "FocalPreTrainedModel",
+]
