@@ -10,6 +10,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
+ATTENTION_TYPES = ("focal", "focal_fast")
 POOL_METHODS = ("fc", "conv", "mean", "max", "none")
 EXPAND_LAYERS = ("all", "even", "odd")
 
@@ -116,6 +117,16 @@ class FocalConfig(BackboneConfigMixin, PreTrainedConfig):
         use_pre_norm (`bool`, *optional*, defaults to `False`):
             Whether the stem and the downsampling layers normalise their input with a one-group GroupNorm
             (`USE_PRE_NORM`). Needs `patch_norm=True`, as in the official code.
+        attention_type (`str`, *optional*, defaults to `"focal"`):
+            `"focal"`: the focal self-attention of the official `focal` model (`MODEL.TYPE: focal`): each window
+            attends its own tokens, its expanded surroundings and pooled neighbourhoods, with relative position
+            bias tables. `"focal_fast"`: the Focal-fast attention of the official `focalv2` model
+            (`MODEL.TYPE: focalv2`): at each focal level each window attends the `focal_topk` tokens nearest to
+            its centre (all fine-grained tokens at level 1, the pooled windows at the next), with a position bias
+            computed by a small MLP from the relative coordinates; `expand_sizes` play no role there.
+        focal_topk (`int`, *optional*, defaults to 128):
+            For `attention_type="focal_fast"`: how many nearest tokens each window attends per focal level
+            (`FOCAL_TOPK`); capped at the number of tokens of that level's map.
         layer_norm_eps (`float`, *optional*, defaults to 1e-5):
             Epsilon of the LayerNorms.
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -168,6 +179,8 @@ class FocalConfig(BackboneConfigMixin, PreTrainedConfig):
     use_layerscale: bool = False
     layerscale_value: float | int = 1e-4
     use_pre_norm: bool = False
+    attention_type: str = "focal"
+    focal_topk: int = 128
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     _out_features: list[str] | None = None
@@ -249,6 +262,8 @@ class FocalConfig(BackboneConfigMixin, PreTrainedConfig):
                 raise ValueError(f"Stage {stage} has width {dim}, which `num_heads[{stage}]`={heads} does not divide.")
         if self.focal_pool not in POOL_METHODS:
             raise ValueError(f"`focal_pool` must be one of {POOL_METHODS}; got {self.focal_pool!r}.")
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"`attention_type` must be one of {ATTENTION_TYPES}; got {self.attention_type!r}.")
         if self.expand_layer not in EXPAND_LAYERS:
             raise ValueError(f"`expand_layer` must be one of {EXPAND_LAYERS}; got {self.expand_layer!r}.")
         if any(not 0 <= s < num_stages for s in self.focal_stages):
@@ -256,11 +271,13 @@ class FocalConfig(BackboneConfigMixin, PreTrainedConfig):
         if any(level < 0 for level in self.focal_levels) or any(e < 0 for e in self.expand_sizes):
             raise ValueError("`focal_levels` and `expand_sizes` must be >= 0.")
         if self.use_pre_norm and not self.patch_norm:
-            raise ValueError("`use_pre_norm=True` needs `patch_norm=True` (the official stem has no pre-norm without it).")
+            raise ValueError("`use_pre_norm=True` needs `patch_norm=True` (the official stem has no pre-norm without).")
         if not 0 <= self.drop_path_rate < 1 or not 0 <= self.hidden_dropout_prob < 1:
             raise ValueError("`drop_path_rate` and `hidden_dropout_prob` must be in [0, 1).")
         if not 0 <= self.attention_probs_dropout_prob < 1:
             raise ValueError("`attention_probs_dropout_prob` must be in [0, 1).")
+        if self.attention_type == "focal_fast":
+            self._validate_focal_fast()
         for stage in range(num_stages):
             for block in range(min(self.depths[stage], 2)):
                 geometry = self.block_geometry(stage, block)
@@ -280,6 +297,18 @@ class FocalConfig(BackboneConfigMixin, PreTrainedConfig):
                         f"{geometry.num_pooled_levels} levels, halving each time: too many `focal_levels` "
                         f"({self.focal_levels[stage]}) for that window."
                     )
+
+    def _validate_focal_fast(self):
+        if self.focal_topk < 1:
+            raise ValueError(f"`focal_topk` must be >= 1; got {self.focal_topk}.")
+        for stage, level in enumerate(self.focal_levels):
+            if level < 1:
+                raise ValueError(f"Focal-fast attention needs `focal_levels[{stage}]` >= 1; got {level}.")
+            if level > 1 and self.block_geometry(stage, 0).pool_method == "none":
+                raise ValueError(
+                    f"Focal-fast attention with `focal_levels[{stage}]`={level} needs pooled windows in stage "
+                    f"{stage}: set `focal_pool` other than 'none' and list the stage in `focal_stages`."
+                )
 
     # --------------------------------------------------------- official configs
     @classmethod

@@ -158,36 +158,39 @@ def shift_window_mask(height: int, width: int, window_size: int, shift_size: int
 
 @dataclass(frozen=True)
 class FocalKeyLayout:
-    """Where each window's keys come from, for one padded input size.
+    """Where each window's keys come from, for one input size. Built once per size and cached.
 
-    key_index (`(num_windows, num_keys)`): index into the key source, the concatenation of the fine-grained
-        map (`height * width` tokens), each pooled map, and one all-zero token for pooled positions outside the map.
-    key_mask (`(num_windows, 1 or window_size**2, num_keys)`): additive mask, -100 on padded pooled positions and
-        across shifted-window regions; `None` where nothing is masked.
+    key_index (`(num_windows, num_keys)`): index into the key source, the concatenation of the padded
+        fine-grained map (`padded_height * padded_width` tokens), each pooled map, and one all-zero token.
+    key_mask (`(num_windows, 1 or window_size**2, num_keys)`, focal attention): additive mask, -100 on pooled
+        positions outside the map and across shifted-window regions; `None` where nothing is masked.
+    key_coords (focal-fast attention): per focal level, the distinct query-to-key relative coordinates
+        `(num_distinct, 2)` and for every (window, query, key) which of them applies, `(num_windows, window_size**2,
+        num_keys_of_level)`.
     """
 
     key_index: torch.Tensor
-    key_mask: torch.Tensor | None
+    key_mask: torch.Tensor | None = None
+    key_coords: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+
+
+def _grid(height: int, width: int) -> torch.Tensor:
+    """Row-major coordinates `(2, height * width)` of a `height x width` grid."""
+    return torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")).flatten(1)
 
 
 @functools.lru_cache(maxsize=256)
 def focal_key_layout(height: int, width: int, geometry: FocalBlockGeometry, device: torch.device) -> FocalKeyLayout:
-    """The key layout of a block with `geometry` on a padded `height x width` map (multiples of the window).
-
-    Built once per (size, block geometry, device) and cached: nothing here is recomputed on a forward pass.
-    """
+    """Key layout of a focal-attention block with `geometry` on a `height x width` map (padded to whole windows)."""
     window_size = geometry.window_size
-    grid_h, grid_w = height // window_size, width // window_size
-    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
-    window_rows, window_cols = rows.flatten(), cols.flatten()  # position of each window on the window grid
+    grid_h, grid_w = -(-height // window_size), -(-width // window_size)
+    height, width = grid_h * window_size, grid_w * window_size
+    window_rows, window_cols = _grid(grid_h, grid_w)  # position of each window on the window grid
 
     # fine level: the window's own tokens, then (official order) the surrounding ones; torch.roll wraps around
-    in_window = torch.stack(
-        torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij"), -1
-    ).flatten(0, 1)
-    offsets = in_window
+    offsets = _grid(window_size, window_size).T
     if geometry.has_neighbors:
-        offsets = torch.cat((in_window, neighbor_offsets(window_size, geometry.expand_size)))
+        offsets = torch.cat((offsets, neighbor_offsets(window_size, geometry.expand_size)))
     token_rows = (window_rows[:, None] * window_size + offsets[None, :, 0]) % height
     token_cols = (window_cols[:, None] * window_size + offsets[None, :, 1]) % width
     indices = [token_rows * width + token_cols]
@@ -217,6 +220,49 @@ def focal_key_layout(height: int, width: int, geometry: FocalBlockGeometry, devi
         key_mask[:, :, :window_area] += shift_mask
     has_mask = bool((key_mask != 0).any())
     return FocalKeyLayout(key_index.to(device), key_mask.to(device) if has_mask else None)
+
+
+def nearest_tokens(queries: torch.Tensor, keys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query position `(2, num_queries)`, the `topk` nearest key positions `(2, num_keys)` (Euclidean, ties
+    broken by `torch.topk` as in the official code): their indices `(num_queries, k)` and the query-minus-key
+    coordinates `(num_queries, k, 2)`."""
+    relative = queries[:, :, None] - keys[:, None, :]
+    distances = torch.sqrt(relative[0].float() ** 2 + relative[1].float() ** 2)
+    _, index = torch.topk(-distances, min(topk, keys.shape[1]), dim=1)
+    return index, torch.gather(relative, 2, index[None].expand(2, -1, -1)).permute(1, 2, 0).float()
+
+
+@functools.lru_cache(maxsize=256)
+def focal_fast_key_layout(
+    height: int, width: int, window_size: int, focal_level: int, topk: int, device: torch.device
+) -> FocalKeyLayout:
+    """Key layout of a Focal-fast block on a `height x width` map (the map is padded to whole windows).
+
+    Level 0: the `topk` tokens of the map nearest to each window's centre. Level `l` >= 1: the `topk` windows
+    nearest to the window on the window grid, read from pooled map `l` as the official code does (for `l` >= 2 it
+    indexes that finer map with window-grid indices). Relative coordinates are in tokens (windows scaled by the
+    window size) and are offset by each query's position in its window.
+    """
+    grid_h, grid_w = -(-height // window_size), -(-width // window_size)
+    padded_w = grid_w * window_size
+    windows = _grid(grid_h, grid_w)
+    in_window = _grid(window_size, window_size).T - window_size // 2  # query offsets from the window centre
+    indices, key_coords = [], []
+    start = grid_h * window_size * padded_w
+    for level in range(focal_level):
+        if level == 0:
+            tokens = _grid(height, width)
+            index, relative = nearest_tokens(windows * window_size + window_size // 2, tokens, topk)
+            indices.append(tokens[0][index] * padded_w + tokens[1][index])
+        else:
+            index, relative = nearest_tokens(windows, windows, topk)
+            relative = relative * window_size
+            indices.append(start + index)
+            start += (grid_h * 2 ** (level - 1)) * (grid_w * 2 ** (level - 1))
+        coords = relative[:, None, :, :] + in_window[None, :, None, :]  # num_windows, window_area, k, 2
+        distinct, which = torch.unique(coords.reshape(-1, 2), dim=0, return_inverse=True)
+        key_coords.append((distinct.to(device), which.view(coords.shape[:-1]).to(device)))
+    return FocalKeyLayout(torch.cat(indices, dim=1).to(device), key_coords=tuple(key_coords))
 
 
 # -------------------------------------------------------------------------------------------------- modules
@@ -372,10 +418,11 @@ class FocalWindowPooling(nn.Module):
         return [self.pool_level(channels_first, level).permute(0, 2, 3, 1) for level in range(self.num_levels)]
 
 
-class FocalSelfAttention(nn.Module):
-    """Focal self-attention of one block.
+class FocalAttentionBase(nn.Module):
+    """What both focal attentions share: each window's queries attend keys gathered from the fine-grained and pooled
+    maps by a cached `FocalKeyLayout`, with an additive bias; subclasses define the layout and the bias.
 
-    Takes the padded, shifted map `(batch_size, height, width, dim)` and its pooled maps, returns
+    Takes the padded, shifted map `(batch_size, height, width, dim)`, its pooled maps and the unpadded size; returns
     `(batch_size, height, width, dim)` and, for eager attention, the probabilities
     `(batch_size * num_windows, num_heads, window_size**2, num_keys)`.
     """
@@ -389,14 +436,83 @@ class FocalSelfAttention(nn.Module):
         self.scaling = config.qk_scale or self.head_dim**-0.5
         self.attention_dropout = config.attention_probs_dropout_prob
         self.is_causal = False
-        window_size = geometry.window_size
-        window_area = window_size * window_size
-
         self.qkv = nn.Linear(dim, dim * 3, bias=config.qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
 
-        # position bias of the window's own tokens, of its surroundings, and of each pooled neighbourhood
+    def key_layout(self, height: int, width: int, device: torch.device) -> FocalKeyLayout:
+        raise NotImplementedError
+
+    def attention_bias(self, layout: FocalKeyLayout) -> torch.Tensor:
+        """Additive bias `(num_windows or 1, num_heads, window_size**2, num_keys)`."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        pooled_states: list[torch.Tensor],
+        input_dimensions: tuple[int, int],
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, height, width, dim = hidden_states.shape
+        window_size = self.geometry.window_size
+        window_area = window_size * window_size
+        layout = self.key_layout(*input_dimensions, hidden_states.device)
+        num_windows, num_keys = layout.key_index.shape
+
+        query, key_value = self.qkv(hidden_states).split((dim, 2 * dim), dim=-1)
+        # key/value source: fine tokens, pooled tokens (only their keys and values are needed), one zero token
+        sources = [key_value.reshape(batch_size, height * width, 2 * dim)]
+        kv_weight, kv_bias = self.qkv.weight[dim:], None if self.qkv.bias is None else self.qkv.bias[dim:]
+        sources += [F.linear(pooled.flatten(1, 2), kv_weight, kv_bias) for pooled in pooled_states]
+        if pooled_states:
+            sources.append(key_value.new_zeros(batch_size, 1, 2 * dim))
+        key_value = torch.cat(sources, dim=1) if len(sources) > 1 else sources[0]
+
+        # windows become attention "heads": (batch, num_windows * num_heads, tokens, head_dim)
+        key_value = key_value[:, layout.key_index.flatten()]
+        key_value = key_value.view(batch_size, num_windows, num_keys, 2, self.num_heads, self.head_dim)
+        key_value = key_value.permute(3, 0, 1, 4, 2, 5).reshape(
+            2, batch_size, num_windows * self.num_heads, num_keys, self.head_dim
+        )
+        query = window_partition(query, window_size).view(
+            batch_size, num_windows, window_area, self.num_heads, self.head_dim
+        )
+        query = query.transpose(2, 3).reshape(batch_size, num_windows * self.num_heads, window_area, self.head_dim)
+
+        bias = self.attention_bias(layout).to(query.dtype)
+        bias = bias.expand(num_windows, -1, -1, -1).reshape(1, num_windows * self.num_heads, window_area, num_keys)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key_value[0],
+            key_value[1],
+            bias,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        # (batch, window_area, num_windows * num_heads, head_dim) -> (batch, num_windows, window_area, dim)
+        attn_output = attn_output.reshape(batch_size, window_area, num_windows, dim).transpose(1, 2)
+        attn_output = self.proj_dropout(self.proj(attn_output))
+        attn_output = window_reverse(attn_output, window_size, height, width)
+        if attn_weights is not None:
+            attn_weights = attn_weights.reshape(batch_size * num_windows, self.num_heads, window_area, num_keys)
+        return attn_output, attn_weights
+
+
+class FocalSelfAttention(FocalAttentionBase):
+    """Focal self-attention (official `focal`): a window's own tokens, its expanded surroundings and a neighbourhood
+    of pooled windows per coarse level, each with a learned relative position bias table."""
+
+    def __init__(self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry):
+        super().__init__(config, dim, num_heads, geometry)
+        window_size = geometry.window_size
+        window_area = window_size * window_size
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", self._position_index(), persistent=False)
         if geometry.has_neighbors:
@@ -407,8 +523,7 @@ class FocalSelfAttention(nn.Module):
         else:
             self.relative_position_bias_table_to_neighbors = None
         self.relative_position_bias_table_to_windows = nn.ParameterList(
-            nn.Parameter(torch.zeros(num_heads, (window_size + side - 1) ** 2))
-            for side in self._pooled_sides()
+            nn.Parameter(torch.zeros(num_heads, (window_size + side - 1) ** 2)) for side in self._pooled_sides()
         )
         for level, index in enumerate(self._pooled_indices()):
             self.register_buffer(f"relative_position_index_to_windows_{level}", index, persistent=False)
@@ -431,75 +546,51 @@ class FocalSelfAttention(nn.Module):
         for level, index in enumerate(self._pooled_indices()):
             init.copy_(getattr(self, f"relative_position_index_to_windows_{level}"), index)
 
-    def position_bias(self) -> torch.Tensor:
-        """Additive position bias `(num_heads, window_size**2, num_keys)` in the key order of `focal_key_layout`."""
+    def key_layout(self, height: int, width: int, device: torch.device) -> FocalKeyLayout:
+        return focal_key_layout(height, width, self.geometry, device)
+
+    def attention_bias(self, layout: FocalKeyLayout) -> torch.Tensor:
+        """Position bias in the key order of `focal_key_layout`, plus its mask."""
         window_area = self.geometry.window_size**2
-        biases = [self.relative_position_bias_table[self.relative_position_index].view(window_area, window_area, -1)
-                  .permute(2, 0, 1)]
+        table = self.relative_position_bias_table[self.relative_position_index]
+        biases = [table.view(window_area, window_area, -1).permute(2, 0, 1)]
         if self.relative_position_bias_table_to_neighbors is not None:
             biases.append(self.relative_position_bias_table_to_neighbors[0])
         for level, table in enumerate(self.relative_position_bias_table_to_windows):
             index = getattr(self, f"relative_position_index_to_windows_{level}")
             biases.append(table[:, index].view(self.num_heads, window_area, -1))
-        return torch.cat(biases, dim=-1)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        pooled_states: list[torch.Tensor],
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch_size, height, width, dim = hidden_states.shape
-        window_size = self.geometry.window_size
-        window_area = window_size * window_size
-        layout = focal_key_layout(height, width, self.geometry, hidden_states.device)
-        num_windows, num_keys = layout.key_index.shape
-
-        query, key_value = self.qkv(hidden_states).split((dim, 2 * dim), dim=-1)
-        # key/value source: fine tokens, pooled tokens (only their keys and values are needed), one zero token
-        sources = [key_value.reshape(batch_size, height * width, 2 * dim)]
-        kv_weight, kv_bias = self.qkv.weight[dim:], None if self.qkv.bias is None else self.qkv.bias[dim:]
-        sources += [F.linear(pooled.flatten(1, 2), kv_weight, kv_bias) for pooled in pooled_states]
-        if pooled_states:
-            sources.append(key_value.new_zeros(batch_size, 1, 2 * dim))
-        key_value = torch.cat(sources, dim=1) if len(sources) > 1 else sources[0]
-
-        # windows become attention "heads": (batch, num_windows * num_heads, tokens, head_dim)
-        key_value = key_value[:, layout.key_index.flatten()]
-        key_value = key_value.view(batch_size, num_windows, num_keys, 2, self.num_heads, self.head_dim)
-        key_value = key_value.permute(3, 0, 1, 4, 2, 5).reshape(2, batch_size, num_windows * self.num_heads, num_keys,
-                                                                 self.head_dim)
-        query = window_partition(query, window_size).view(batch_size, num_windows, window_area, self.num_heads,
-                                                          self.head_dim)
-        query = query.transpose(2, 3).reshape(batch_size, num_windows * self.num_heads, window_area, self.head_dim)
-
-        bias = self.position_bias().to(query.dtype)  # num_heads, window_area, num_keys
+        bias = torch.cat(biases, dim=-1)[None]  # 1, num_heads, window_area, num_keys
         if layout.key_mask is not None:
-            bias = bias[None] + layout.key_mask[:, None].to(query.dtype)
-        else:
-            bias = bias[None].expand(num_windows, -1, -1, -1)
-        bias = bias.reshape(1, num_windows * self.num_heads, window_area, num_keys)
+            bias = bias + layout.key_mask[:, None].to(bias.dtype)
+        return bias
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+
+class FocalFastSelfAttention(FocalAttentionBase):
+    """Focal-fast attention (official `focalv2`): per focal level, the `focal_topk` tokens nearest to the window,
+    with a position bias computed by a small MLP (one per level) from the query-to-key coordinates."""
+
+    def __init__(self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry):
+        super().__init__(config, dim, num_heads, geometry)
+        self.topk = config.focal_topk
+        self.relative_position_mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(2, self.head_dim), nn.ReLU(), nn.Linear(self.head_dim, num_heads))
+            for _ in range(geometry.focal_level)
         )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key_value[0],
-            key_value[1],
-            bias,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        # (batch, window_area, num_windows * num_heads, head_dim) -> (batch, num_windows, window_area, dim)
-        attn_output = attn_output.reshape(batch_size, window_area, num_windows, dim).transpose(1, 2)
-        attn_output = self.proj_dropout(self.proj(attn_output))
-        attn_output = window_reverse(attn_output, window_size, height, width)
-        if attn_weights is not None:
-            attn_weights = attn_weights.reshape(batch_size * num_windows, self.num_heads, window_area, num_keys)
-        return attn_output, attn_weights
+
+    def key_layout(self, height: int, width: int, device: torch.device) -> FocalKeyLayout:
+        geometry = self.geometry
+        return focal_fast_key_layout(height, width, geometry.window_size, geometry.focal_level, self.topk, device)
+
+    def attention_bias(self, layout: FocalKeyLayout) -> torch.Tensor:
+        """MLP position bias of every (window, query, key), `(num_windows, num_heads, window_size**2, num_keys)`."""
+        biases = [
+            mlp(distinct.to(mlp[0].weight.dtype))[which]  # num_windows, window_area, k, num_heads
+            for mlp, (distinct, which) in zip(self.relative_position_mlps, layout.key_coords)
+        ]
+        return torch.cat(biases, dim=2).permute(0, 3, 1, 2)
+
+
+FOCAL_ATTENTION_CLASSES = {"focal": FocalSelfAttention, "focal_fast": FocalFastSelfAttention}
 
 
 class FocalMLP(nn.Module):
@@ -527,7 +618,7 @@ class FocalLayer(GradientCheckpointingLayer):
         self.geometry = geometry
         self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.window_pooling = FocalWindowPooling(geometry, dim) if geometry.num_pooled_levels else None
-        self.attention = FocalSelfAttention(config, dim, num_heads, geometry)
+        self.attention = FOCAL_ATTENTION_CLASSES[config.attention_type](config, dim, num_heads, geometry)
         self.drop_path = FocalDropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
         self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = FocalMLP(config, dim)
@@ -557,7 +648,7 @@ class FocalLayer(GradientCheckpointingLayer):
             hidden_states = torch.roll(hidden_states, shifts=(-shift_size, -shift_size), dims=(1, 2))
         pooled_states = self.window_pooling(hidden_states) if self.window_pooling is not None else []
 
-        attention_output, attn_weights = self.attention(hidden_states, pooled_states, **kwargs)
+        attention_output, attn_weights = self.attention(hidden_states, pooled_states, input_dimensions, **kwargs)
 
         if shift_size:
             attention_output = torch.roll(attention_output, shifts=(shift_size, shift_size), dims=(1, 2))

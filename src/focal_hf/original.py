@@ -38,9 +38,10 @@ _FOCAL_DEFAULTS: dict[str, tuple[str | None, Any]] = {
     "USE_CONV_EMBED": ("use_conv_embed", False),
     "USE_LAYERSCALE": ("use_layerscale", False),
     "USE_PRE_NORM": ("use_pre_norm", False),
-    "FOCAL_TOPK": (None, 128),  # Focal-fast only
+    "FOCAL_TOPK": ("focal_topk", 128),  # used by Focal-fast (`focalv2`) only
 }
-_MODEL_TYPES = ("focal",)
+# official MODEL.TYPE -> FocalConfig.attention_type
+_MODEL_TYPES = {"focal": "focal", "focalv2": "focal_fast"}
 
 
 def _read_original_config(path_or_dict) -> dict:
@@ -70,7 +71,7 @@ def config_kwargs_from_original(path_or_dict) -> dict:
     focal = model.get("FOCAL") or {}
     model_type = model.get("TYPE", "focal")
     if model_type not in _MODEL_TYPES:
-        raise ValueError(f"MODEL.TYPE must be one of {_MODEL_TYPES}; got {model_type!r}.")
+        raise ValueError(f"MODEL.TYPE must be one of {sorted(_MODEL_TYPES)}; got {model_type!r}.")
     unknown = sorted(set(focal) - set(_FOCAL_DEFAULTS))
     if unknown:
         raise ValueError(f"Unknown MODEL.FOCAL keys {unknown}; the official schema has {sorted(_FOCAL_DEFAULTS)}.")
@@ -79,6 +80,7 @@ def config_kwargs_from_original(path_or_dict) -> dict:
     for key, (name, default) in _FOCAL_DEFAULTS.items():
         if name is not None:
             kwargs[name] = focal.get(key, default)
+    kwargs["attention_type"] = _MODEL_TYPES[model_type]
     kwargs["qk_scale"] = kwargs["qk_scale"] or None  # the official `QK_SCALE: False` means head_dim ** -0.5
     image_size = data.get("IMG_SIZE", 224)
     kwargs["image_size"] = image_size if isinstance(image_size, int) else list(image_size)
@@ -107,6 +109,14 @@ OFFICIAL_MODELS: dict[str, dict[str, Any]] = {}
 for _size, _dims in _SIZES.items():
     OFFICIAL_MODELS[f"focal-{_size}"] = {**_IMAGENET_FOCAL, **_dims}
     OFFICIAL_MODELS[f"focal-{_size}-useconv"] = {**_IMAGENET_FOCAL, **_dims, "use_conv_embed": True}
+for _size, _dims in _SIZES.items():
+    OFFICIAL_MODELS[f"focal-fast-{_size}"] = {
+        **_IMAGENET_FOCAL,
+        **_dims,
+        "use_conv_embed": True,
+        "attention_type": "focal_fast",
+        "focal_topk": 128,
+    }
 
 
 def official_config(name: str, **kwargs) -> FocalConfig:
@@ -127,6 +137,7 @@ _KEY_RULES = [
     (r"^layers\.(\d+)\.downsample\.(norm|pre_norm)\.", r"focal.encoder.layers.\1.downsample.\2."),
     (r"^layers\.(\d+)\.blocks\.(\d+)\.norm1\.", r"focal.encoder.layers.\1.blocks.\2.layernorm_before."),
     (r"^layers\.(\d+)\.blocks\.(\d+)\.norm2\.", r"focal.encoder.layers.\1.blocks.\2.layernorm_after."),
+    (r"^layers\.(\d+)\.blocks\.(\d+)\.attn\.coord2rpb_all\.", r"focal.encoder.layers.\1.blocks.\2.attention.relative_position_mlps."),
     (r"^layers\.(\d+)\.blocks\.(\d+)\.attn\.", r"focal.encoder.layers.\1.blocks.\2.attention."),
     (r"^layers\.(\d+)\.blocks\.(\d+)\.pool_layers\.", r"focal.encoder.layers.\1.blocks.\2.window_pooling.pool_layers."),
     (r"^layers\.(\d+)\.blocks\.(\d+)\.mlp\.", r"focal.encoder.layers.\1.blocks.\2.mlp."),
