@@ -115,8 +115,8 @@ class FocalConfig(BackboneConfigMixin, PreTrainedConfig):
         layerscale_value (`float`, *optional*, defaults to 1e-4):
             Initial value of the layer-scale factors.
         use_pre_norm (`bool`, *optional*, defaults to `False`):
-            Whether the stem and the downsampling layers normalise their input with a one-group GroupNorm
-            (`USE_PRE_NORM`). Needs `patch_norm=True`, as in the official code.
+            Whether the downsampling layers normalise their input with a one-group GroupNorm (`USE_PRE_NORM`). As in
+            the official code, the stem never does.
         attention_type (`str`, *optional*, defaults to `"focal"`):
             `"focal"`: the focal self-attention of the official `focal` model (`MODEL.TYPE: focal`): each window
             attends its own tokens, its expanded surroundings and pooled neighbourhoods, with relative position
@@ -270,8 +270,6 @@ class FocalConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(f"`focal_stages` must be stage indices in [0, {num_stages}); got {self.focal_stages}.")
         if any(level < 0 for level in self.focal_levels) or any(e < 0 for e in self.expand_sizes):
             raise ValueError("`focal_levels` and `expand_sizes` must be >= 0.")
-        if self.use_pre_norm and not self.patch_norm:
-            raise ValueError("`use_pre_norm=True` needs `patch_norm=True` (the official stem has no pre-norm without).")
         if not 0 <= self.drop_path_rate < 1 or not 0 <= self.hidden_dropout_prob < 1:
             raise ValueError("`drop_path_rate` and `hidden_dropout_prob` must be in [0, 1).")
         if not 0 <= self.attention_probs_dropout_prob < 1:

@@ -278,7 +278,8 @@ class FocalDropPath(nn.Module):
             return hidden_states
         keep_prob = 1 - self.drop_prob
         shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
-        random_tensor = torch.floor(keep_prob + torch.rand(shape, dtype=hidden_states.dtype, device=hidden_states.device))
+        noise = torch.rand(shape, dtype=hidden_states.dtype, device=hidden_states.device)
+        random_tensor = torch.floor(keep_prob + noise)
         return hidden_states.div(keep_prob) * random_tensor
 
     def extra_repr(self) -> str:
@@ -290,7 +291,8 @@ class FocalPatchEmbeddings(nn.Module):
     `(batch_size, in_channels, height, width)` -> `(batch_size, height' * width', out_channels)`, `(height', width')`.
 
     A non-overlapping `patch_size` (stem) or 2x2 (downsampling) projection, or with `use_conv_embed` an overlapping
-    7x7/stride-4 (stem) or 3x3/stride-2 convolution; optionally a one-group GroupNorm before and a LayerNorm after.
+    7x7/stride-4 (stem) or 3x3/stride-2 convolution; a LayerNorm after (the stem: with `patch_norm`) and, for
+    downsampling with `use_pre_norm`, a one-group GroupNorm before.
     """
 
     def __init__(self, config: FocalConfig, in_channels: int, out_channels: int, is_stem: bool):
@@ -300,7 +302,9 @@ class FocalPatchEmbeddings(nn.Module):
         else:
             kernel_size = stride = config.patch_size if is_stem else 2
             padding = 0
-        self.pre_norm = nn.GroupNorm(1, in_channels, eps=config.layer_norm_eps) if config.use_pre_norm else None
+        # the official stem never pre-normalises, whatever `use_pre_norm` says
+        has_pre_norm = config.use_pre_norm and not is_stem
+        self.pre_norm = nn.GroupNorm(1, in_channels, eps=config.layer_norm_eps) if has_pre_norm else None
         self.projection = nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=padding)
         has_norm = config.patch_norm or not is_stem
         self.norm = nn.LayerNorm(out_channels, eps=config.layer_norm_eps) if has_norm else None

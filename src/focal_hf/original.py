@@ -64,7 +64,8 @@ def _read_original_config(path_or_dict) -> dict:
 
 
 def config_kwargs_from_original(path_or_dict) -> dict:
-    """`FocalConfig` keyword arguments for an official config (YAML path or dict); see `FocalConfig.from_original_config`."""
+    """`FocalConfig` keyword arguments for an official config (YAML path or dict), as `FocalConfig.from_original_config`
+    documents."""
     original = _read_original_config(path_or_dict)
     model = original.get("MODEL") or {}
     data = original.get("DATA") or {}
@@ -129,19 +130,21 @@ def official_config(name: str, **kwargs) -> FocalConfig:
 
 # ------------------------------------------------------------------------------------------- state dicts
 # official key (regex) -> ours; blocks and stages keep their indices
+_BLOCK = r"^layers\.(\d+)\.blocks\.(\d+)\."
+_OUR_BLOCK = r"focal.encoder.layers.\1.blocks.\2."
 _KEY_RULES = [
     (r"^patch_embed\.proj\.", "focal.embeddings.patch_embeddings.projection."),
     (r"^patch_embed\.(norm|pre_norm)\.", r"focal.embeddings.patch_embeddings.\1."),
     (r"^absolute_pos_embed$", "focal.embeddings.position_embeddings"),
     (r"^layers\.(\d+)\.downsample\.proj\.", r"focal.encoder.layers.\1.downsample.projection."),
     (r"^layers\.(\d+)\.downsample\.(norm|pre_norm)\.", r"focal.encoder.layers.\1.downsample.\2."),
-    (r"^layers\.(\d+)\.blocks\.(\d+)\.norm1\.", r"focal.encoder.layers.\1.blocks.\2.layernorm_before."),
-    (r"^layers\.(\d+)\.blocks\.(\d+)\.norm2\.", r"focal.encoder.layers.\1.blocks.\2.layernorm_after."),
-    (r"^layers\.(\d+)\.blocks\.(\d+)\.attn\.coord2rpb_all\.", r"focal.encoder.layers.\1.blocks.\2.attention.relative_position_mlps."),
-    (r"^layers\.(\d+)\.blocks\.(\d+)\.attn\.", r"focal.encoder.layers.\1.blocks.\2.attention."),
-    (r"^layers\.(\d+)\.blocks\.(\d+)\.pool_layers\.", r"focal.encoder.layers.\1.blocks.\2.window_pooling.pool_layers."),
-    (r"^layers\.(\d+)\.blocks\.(\d+)\.mlp\.", r"focal.encoder.layers.\1.blocks.\2.mlp."),
-    (r"^layers\.(\d+)\.blocks\.(\d+)\.gamma_(\d)$", r"focal.encoder.layers.\1.blocks.\2.layer_scale_\3"),
+    (_BLOCK + r"norm1\.", _OUR_BLOCK + "layernorm_before."),
+    (_BLOCK + r"norm2\.", _OUR_BLOCK + "layernorm_after."),
+    (_BLOCK + r"attn\.coord2rpb_all\.", _OUR_BLOCK + "attention.relative_position_mlps."),
+    (_BLOCK + r"attn\.", _OUR_BLOCK + "attention."),
+    (_BLOCK + r"pool_layers\.", _OUR_BLOCK + "window_pooling.pool_layers."),
+    (_BLOCK + r"mlp\.", _OUR_BLOCK + "mlp."),
+    (_BLOCK + r"gamma_(\d)$", _OUR_BLOCK + r"layer_scale_\3"),
     (r"^norm\.", "focal.layernorm."),
     (r"^head\.", "classifier."),
 ]
