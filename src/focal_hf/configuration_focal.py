@@ -198,6 +198,8 @@ class FocalConfig(BackboneConfigMixin, PreTrainedConfig):
         self.set_output_features_output_indices(
             out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
         )
+        # a plain ValueError at construction (the @strict validators re-run it, wrapped, on `validate()`)
+        self.validate_architecture()
         super().__post_init__(**kwargs)
 
     # ------------------------------------------------------------------ geometry

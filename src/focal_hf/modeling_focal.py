@@ -668,7 +668,7 @@ class FocalLayer(GradientCheckpointingLayer):
         return hidden_states, attn_weights
 
 
-class FocalStage(GradientCheckpointingLayer):
+class FocalStage(nn.Module):
     """A stage: its blocks, then (except the last stage) a downsampling patch embedding.
 
     Returns the stage output (after downsampling), its `(batch_size, channels, height, width)` map (before

@@ -1,0 +1,299 @@
+"""Behaviour of the model classes: configuration checks, any input size, bad input, save/load, Auto classes,
+batching, gradient checkpointing, SDPA vs eager, bfloat16, losses and the backbone."""
+
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import (
+    AutoBackbone,
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    UperNetConfig,
+    UperNetForSemanticSegmentation,
+)
+
+from focal_hf import FocalBackbone, FocalConfig, FocalForImageClassification, FocalModel
+from focal_hf.modeling_focal import focal_fast_key_layout, focal_key_layout
+
+ATTENTIONS = ["focal", "focal_fast"]
+# non-square, not multiples of 32 or of the window, down to the 32 px minimum
+ODD_SIZES = [(64, 64), (96, 72), (50, 77), (32, 32), (33, 130)]
+
+
+def make(model_class, attention_type="focal", **overrides):
+    config = tiny_config(attention_type=attention_type, focal_topk=12, **overrides)
+    return model_class(config).eval()
+
+
+# ------------------------------------------------------------------------------------------- configuration
+def test_defaults_are_focal_tiny():
+    config = FocalConfig()
+    assert (config.embed_dim, config.depths, config.num_heads) == (96, [2, 2, 6, 2], [3, 6, 12, 24])
+    assert (config.focal_pool, config.focal_levels, config.window_size) == ("fc", [2, 2, 2, 2], 7)
+    assert config.hidden_size == 768 and config.stage_names == ["stem", "stage1", "stage2", "stage3", "stage4"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_heads": [1, 2, 4]}, "num_heads"),
+        ({"focal_levels": [2, 2]}, "focal_levels"),
+        ({"expand_sizes": [3, 3, 3]}, "expand_sizes"),
+        ({"focal_pool": "avg"}, "focal_pool"),
+        ({"num_heads": [3, 2, 2, 4]}, "does not divide"),
+        ({"expand_layer": "first"}, "expand_layer"),
+        ({"focal_stages": [0, 4]}, "focal_stages"),
+        ({"attention_type": "global"}, "attention_type"),
+        ({"focal_windows": [2, 3, 3, 1]}, "must be odd"),
+        ({"expand_sizes": [5, 2, 2, 2]}, "at most the window size"),
+        ({"image_size": 16}, "total stride"),
+        ({"focal_levels": [5, 2, 2, 2]}, "too many"),
+        ({"attention_type": "focal_fast", "focal_levels": [0, 1, 1, 1]}, "focal_levels"),
+        ({"attention_type": "focal_fast", "focal_pool": "none"}, "pooled windows"),
+    ],
+)
+def test_invalid_configs_raise_at_construction(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_block_geometry_follows_the_official_rules():
+    config = tiny_config(use_shift=True, expand_layer="even")
+    # stage 0: 16x16 grid, window 4: block 0 (even) has no expansion, block 1 would shift
+    assert config.block_geometry(0, 0).expand_size == 0 and config.block_geometry(0, 0).shift_size == 0
+    assert config.block_geometry(0, 1).expand_size == 2 and config.block_geometry(0, 1).shift_size == 2
+    # stage 2: 4x4 grid = window: no shift, no expansion, window unchanged; stage 3: 2x2 grid -> window shrinks to 2
+    assert config.block_geometry(2, 1) == config.block_geometry(2, 1).__class__(4, 0, 0, "fc", 2, 3)
+    assert config.block_geometry(3, 1).window_size == 2 and config.block_geometry(3, 1).expand_size == 0
+    assert tiny_config(focal_stages=[0]).block_geometry(1, 0).pool_method == "none"
+
+
+# ------------------------------------------------------------------------------------------ shapes / sizes
+@pytest.mark.parametrize("attention_type", ATTENTIONS)
+def test_outputs_and_shapes(attention_type):
+    model = make(FocalModel, attention_type)
+    model.config._attn_implementation = "eager"
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        outputs = model(pixel_values, output_hidden_states=True, output_attentions=True)
+    assert outputs.last_hidden_state.shape == (2, 4, 128)
+    assert outputs.pooler_output.shape == (2, 128)
+    torch.testing.assert_close(outputs.pooler_output, outputs.last_hidden_state.mean(1))
+    assert [tuple(h.shape) for h in outputs.hidden_states] == [(2, 256, 16), (2, 64, 32), (2, 16, 64), (2, 4, 128),
+                                                              (2, 4, 128)]
+    assert [tuple(h.shape) for h in outputs.reshaped_hidden_states] == [
+        (2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 4, 4), (2, 128, 2, 2), (2, 128, 2, 2)
+    ]
+    for hidden, reshaped in zip(outputs.hidden_states, outputs.reshaped_hidden_states):
+        torch.testing.assert_close(hidden, reshaped.flatten(2).transpose(1, 2))
+    assert len(outputs.attentions) == 4
+    # stage 0: 16 windows of 4x4 per image, 1 head; probabilities sum to one over the keys
+    attentions = outputs.attentions[0]
+    assert attentions.shape[:3] == (2 * 16, 1, 16)
+    torch.testing.assert_close(attentions.sum(-1), torch.ones(attentions.shape[:-1]))
+
+
+@pytest.mark.parametrize("attention_type", ATTENTIONS)
+@pytest.mark.parametrize("size", ODD_SIZES)
+def test_any_input_size_runs_every_head(attention_type, size):
+    pixel_values = torch.randn(1, 3, *size)
+    strides = [4, 8, 16, 32]
+    with torch.no_grad():
+        logits = make(FocalForImageClassification, attention_type)(pixel_values).logits
+        maps = make(FocalBackbone, attention_type, out_features=["stage1", "stage4"])(pixel_values).feature_maps
+    assert logits.shape == (1, 5) and torch.isfinite(logits).all()
+    for feature_map, stride, channels in zip(maps, [strides[0], strides[3]], [16, 128]):
+        assert feature_map.shape == (1, channels, size[0] // stride, size[1] // stride)
+
+
+@pytest.mark.parametrize("overrides", [{"use_conv_embed": True}, {"use_absolute_embeddings": True}, {"use_shift": True}])
+def test_any_input_size_with_options(overrides):
+    model = make(FocalForImageClassification, **overrides)
+    with torch.no_grad():
+        at_config_size = model(torch.randn(1, 3, 64, 64)).logits
+        other = model(torch.randn(1, 3, 90, 45)).logits
+    assert torch.isfinite(at_config_size).all() and torch.isfinite(other).all()
+
+
+@pytest.mark.parametrize("attention_type", ATTENTIONS)
+def test_key_layouts_are_built_once_per_size(attention_type):
+    model = make(FocalModel, attention_type)
+    layout_cache = focal_key_layout if attention_type == "focal" else focal_fast_key_layout
+    pixel_values = torch.randn(1, 3, 80, 48)
+    with torch.no_grad():
+        model(pixel_values)
+        misses = layout_cache.cache_info().misses
+        model(pixel_values)
+        model(pixel_values)
+    assert layout_cache.cache_info().misses == misses
+
+
+@pytest.mark.parametrize(
+    "pixel_values, message",
+    [
+        (torch.randn(1, 1, 64, 64), r"\(batch_size, 3, height, width\).*got shape \(1, 1, 64, 64\)"),
+        (torch.randn(3, 64, 64), r"got shape \(3, 64, 64\)"),
+        (torch.randn(1, 3, 31, 64), r">= 32 .*got \(31, 64\)"),
+        (torch.zeros(1, 3, 64, 64, dtype=torch.long), "floating-point"),
+        (None, "got NoneType"),
+    ],
+)
+def test_bad_input_raises_value_error(pixel_values, message):
+    for model_class in (FocalModel, FocalForImageClassification, FocalBackbone):
+        with pytest.raises(ValueError, match=message):
+            make(model_class)(pixel_values)
+
+
+# ----------------------------------------------------------------------------------- save / load / Auto
+@pytest.mark.parametrize("attention_type", ATTENTIONS)
+def test_save_and_load_round_trip(tmp_path, attention_type):
+    model = make(FocalForImageClassification, attention_type, use_shift=True, use_layerscale=True)
+    pixel_values = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "config.json").exists()
+    for loader in (FocalForImageClassification, AutoModelForImageClassification):
+        reloaded = loader.from_pretrained(tmp_path).eval()
+        assert type(reloaded) is FocalForImageClassification
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(pixel_values).logits, expected, rtol=0, atol=0)
+    # the base model and the backbone load the classification weights
+    base = AutoModel.from_pretrained(tmp_path)
+    backbone = FocalBackbone.from_pretrained(tmp_path, out_features=["stage2", "stage4"])
+    for name, tensor in base.state_dict().items():
+        torch.testing.assert_close(tensor, model.focal.state_dict()[name], rtol=0, atol=0)
+    for name, tensor in backbone.focal.state_dict().items():
+        torch.testing.assert_close(tensor, model.focal.state_dict()[name], rtol=0, atol=0)
+
+
+def test_auto_classes_are_registered():
+    config = AutoConfig.for_model("focal", embed_dim=16, num_heads=[1, 2, 4, 8], image_size=64)
+    assert isinstance(config, FocalConfig)
+    assert type(AutoModel.from_config(config)) is FocalModel
+    assert type(AutoModelForImageClassification.from_config(config)) is FocalForImageClassification
+    assert type(AutoBackbone.from_config(config)) is FocalBackbone
+
+
+# --------------------------------------------------------------------------- batching, training, precision
+@pytest.mark.parametrize("attention_type", ATTENTIONS)
+def test_batch_equals_single_images(attention_type):
+    model = make(FocalForImageClassification, attention_type)
+    pixel_values = torch.randn(3, 3, 64, 80)
+    with torch.no_grad():
+        batched = model(pixel_values).logits
+        single = torch.cat([model(image[None]).logits for image in pixel_values])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+
+
+def _gradients(model, pixel_values, labels):
+    model.zero_grad()
+    model(pixel_values, labels=labels).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("attention_type", ATTENTIONS)
+def test_gradient_checkpointing_gives_the_same_gradients(attention_type):
+    model = make(FocalForImageClassification, attention_type).train()
+    pixel_values, labels = torch.randn(2, 3, 64, 64), torch.tensor([1, 3])
+    reference = _gradients(model, pixel_values, labels)
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    block = model.focal.encoder.layers[2].blocks[1]
+    calls = []
+    block.attention.register_forward_hook(lambda *args: calls.append(1))
+    checkpointed = _gradients(model, pixel_values, labels)
+    assert len(calls) == 2  # each block runs once more in backward, and only once more
+    assert reference.keys() == checkpointed.keys() and len(reference) == len(list(model.parameters()))
+    for name in reference:
+        torch.testing.assert_close(checkpointed[name], reference[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention_type", ATTENTIONS)
+def test_sdpa_equals_eager(attention_type):
+    eager = make(FocalForImageClassification, attention_type, attn_implementation="eager").train()
+    sdpa = make(FocalForImageClassification, attention_type, attn_implementation="sdpa").train()
+    sdpa.load_state_dict(eager.state_dict())
+    assert sdpa.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
+    pixel_values, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 4])
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa.eval()(pixel_values).logits, eager.eval()(pixel_values).logits,
+                                   atol=1e-5, rtol=0)
+    eager_grads, sdpa_grads = _gradients(eager.train(), pixel_values, labels), _gradients(sdpa.train(), pixel_values,
+                                                                                          labels)
+    for name in eager_grads:
+        torch.testing.assert_close(sdpa_grads[name], eager_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_sdpa_is_the_default():
+    assert FocalModel(tiny_config()).config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("attention_type", ATTENTIONS)
+def test_bfloat16_on_cpu(attention_type):
+    model = make(FocalForImageClassification, attention_type)
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(pixel_values).logits
+        logits = model.to(torch.bfloat16)(pixel_values.to(torch.bfloat16)).logits
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference, atol=0.15, rtol=0.05)
+
+
+def test_losses_follow_problem_type():
+    pixel_values = torch.randn(2, 3, 64, 64)
+    single = make(FocalForImageClassification)
+    outputs = single(pixel_values, labels=torch.tensor([0, 2]))
+    expected = torch.nn.functional.cross_entropy(outputs.logits, torch.tensor([0, 2]))
+    torch.testing.assert_close(outputs.loss, expected)
+
+    multi = make(FocalForImageClassification, problem_type="multi_label_classification")
+    targets = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 1]])
+    outputs = multi(pixel_values, labels=targets)
+    torch.testing.assert_close(outputs.loss, torch.nn.functional.binary_cross_entropy_with_logits(outputs.logits,
+                                                                                                  targets))
+    regression = make(FocalForImageClassification, num_labels=1)
+    targets = torch.tensor([0.5, -1.0])
+    outputs = regression(pixel_values, labels=targets)
+    assert regression.config.problem_type == "regression"
+    torch.testing.assert_close(outputs.loss, torch.nn.functional.mse_loss(outputs.logits.squeeze(), targets))
+
+
+def test_return_dict_false_gives_tuples():
+    outputs = make(FocalForImageClassification)(torch.randn(1, 3, 64, 64), labels=torch.tensor([1]),
+                                                return_dict=False)
+    assert isinstance(outputs, tuple) and outputs[0].ndim == 0 and outputs[1].shape == (1, 5)
+
+
+# ---------------------------------------------------------------------------------------------- backbone
+def test_backbone_feature_maps_are_normalised_stage_outputs():
+    backbone = make(FocalBackbone, out_features=["stem", "stage2", "stage3"])
+    assert backbone.channels == [16, 32, 64]
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        outputs = backbone(pixel_values)
+        stages = backbone.focal(pixel_values, output_hidden_states=True, output_hidden_states_before_downsampling=True)
+    assert [tuple(m.shape) for m in outputs.feature_maps] == [(2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 4, 4)]
+    for feature_map, stage, index in zip(outputs.feature_maps, ["stem", "stage2", "stage3"], [0, 2, 3]):
+        norm = backbone.hidden_states_norms[stage]
+        expected = norm(stages.reshaped_hidden_states[index].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        torch.testing.assert_close(feature_map, expected)
+
+
+@pytest.mark.parametrize("attention_type", ATTENTIONS)
+def test_backbone_in_upernet_trains_at_two_sizes(attention_type):
+    backbone_config = tiny_config(attention_type=attention_type, focal_topk=12,
+                                  out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = UperNetConfig(backbone_config=backbone_config, hidden_size=32, auxiliary_in_channels=64,
+                           use_auxiliary_head=True, num_labels=3)
+    model = UperNetForSemanticSegmentation(config).train()
+    assert isinstance(model.backbone, FocalBackbone)
+    for height, width in [(64, 64), (96, 80)]:
+        model.zero_grad()
+        labels = torch.randint(0, 3, (2, height, width))
+        outputs = model(torch.randn(2, 3, height, width), labels=labels)
+        assert outputs.logits.shape == (2, 3, height, width)
+        outputs.loss.backward()
+        grad = model.backbone.focal.encoder.layers[0].blocks[0].attention.qkv.weight.grad
+        assert grad is not None and grad.abs().sum() > 0
