@@ -80,10 +80,19 @@ def test_outputs_and_shapes(attention_type):
     assert outputs.last_hidden_state.shape == (2, 4, 128)
     assert outputs.pooler_output.shape == (2, 128)
     torch.testing.assert_close(outputs.pooler_output, outputs.last_hidden_state.mean(1))
-    assert [tuple(h.shape) for h in outputs.hidden_states] == [(2, 256, 16), (2, 64, 32), (2, 16, 64), (2, 4, 128),
-                                                              (2, 4, 128)]
+    assert [tuple(h.shape) for h in outputs.hidden_states] == [
+        (2, 256, 16),
+        (2, 64, 32),
+        (2, 16, 64),
+        (2, 4, 128),
+        (2, 4, 128),
+    ]
     assert [tuple(h.shape) for h in outputs.reshaped_hidden_states] == [
-        (2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 4, 4), (2, 128, 2, 2), (2, 128, 2, 2)
+        (2, 16, 16, 16),
+        (2, 32, 8, 8),
+        (2, 64, 4, 4),
+        (2, 128, 2, 2),
+        (2, 128, 2, 2),
     ]
     for hidden, reshaped in zip(outputs.hidden_states, outputs.reshaped_hidden_states):
         torch.testing.assert_close(hidden, reshaped.flatten(2).transpose(1, 2))
@@ -107,7 +116,9 @@ def test_any_input_size_runs_every_head(attention_type, size):
         assert feature_map.shape == (1, channels, size[0] // stride, size[1] // stride)
 
 
-@pytest.mark.parametrize("overrides", [{"use_conv_embed": True}, {"use_absolute_embeddings": True}, {"use_shift": True}])
+@pytest.mark.parametrize(
+    "overrides", [{"use_conv_embed": True}, {"use_absolute_embeddings": True}, {"use_shift": True}]
+)
 def test_any_input_size_with_options(overrides):
     model = make(FocalForImageClassification, **overrides)
     with torch.no_grad():
@@ -218,10 +229,13 @@ def test_sdpa_equals_eager(attention_type):
     assert sdpa.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
     pixel_values, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 4])
     with torch.no_grad():
-        torch.testing.assert_close(sdpa.eval()(pixel_values).logits, eager.eval()(pixel_values).logits,
-                                   atol=1e-5, rtol=0)
-    eager_grads, sdpa_grads = _gradients(eager.train(), pixel_values, labels), _gradients(sdpa.train(), pixel_values,
-                                                                                          labels)
+        torch.testing.assert_close(
+            sdpa.eval()(pixel_values).logits, eager.eval()(pixel_values).logits, atol=1e-5, rtol=0
+        )
+    eager_grads, sdpa_grads = (
+        _gradients(eager.train(), pixel_values, labels),
+        _gradients(sdpa.train(), pixel_values, labels),
+    )
     for name in eager_grads:
         torch.testing.assert_close(sdpa_grads[name], eager_grads[name], atol=1e-5, rtol=1e-4)
 
@@ -251,8 +265,9 @@ def test_losses_follow_problem_type():
     multi = make(FocalForImageClassification, problem_type="multi_label_classification")
     targets = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 1]])
     outputs = multi(pixel_values, labels=targets)
-    torch.testing.assert_close(outputs.loss, torch.nn.functional.binary_cross_entropy_with_logits(outputs.logits,
-                                                                                                  targets))
+    torch.testing.assert_close(
+        outputs.loss, torch.nn.functional.binary_cross_entropy_with_logits(outputs.logits, targets)
+    )
     regression = make(FocalForImageClassification, num_labels=1)
     targets = torch.tensor([0.5, -1.0])
     outputs = regression(pixel_values, labels=targets)
@@ -261,8 +276,7 @@ def test_losses_follow_problem_type():
 
 
 def test_return_dict_false_gives_tuples():
-    outputs = make(FocalForImageClassification)(torch.randn(1, 3, 64, 64), labels=torch.tensor([1]),
-                                                return_dict=False)
+    outputs = make(FocalForImageClassification)(torch.randn(1, 3, 64, 64), labels=torch.tensor([1]), return_dict=False)
     assert isinstance(outputs, tuple) and outputs[0].ndim == 0 and outputs[1].shape == (1, 5)
 
 
@@ -283,10 +297,12 @@ def test_backbone_feature_maps_are_normalised_stage_outputs():
 
 @pytest.mark.parametrize("attention_type", ATTENTIONS)
 def test_backbone_in_upernet_trains_at_two_sizes(attention_type):
-    backbone_config = tiny_config(attention_type=attention_type, focal_topk=12,
-                                  out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = UperNetConfig(backbone_config=backbone_config, hidden_size=32, auxiliary_in_channels=64,
-                           use_auxiliary_head=True, num_labels=3)
+    backbone_config = tiny_config(
+        attention_type=attention_type, focal_topk=12, out_features=["stage1", "stage2", "stage3", "stage4"]
+    )
+    config = UperNetConfig(
+        backbone_config=backbone_config, hidden_size=32, auxiliary_in_channels=64, use_auxiliary_head=True, num_labels=3
+    )
     model = UperNetForSemanticSegmentation(config).train()
     assert isinstance(model.backbone, FocalBackbone)
     for height, width in [(64, 64), (96, 80)]:

@@ -25,7 +25,9 @@ def test_outputs_match_official(case, attn_implementation):
     io = load_file(FIXTURES / f"{case}.io.safetensors")
     with torch.no_grad():
         outputs = model(io["pixel_values"], output_hidden_states=True)
-        stages = model.focal(io["pixel_values"], output_hidden_states=True, output_hidden_states_before_downsampling=True)
+        stages = model.focal(
+            io["pixel_values"], output_hidden_states=True, output_hidden_states_before_downsampling=True
+        )
     torch.testing.assert_close(outputs.logits, io["logits"], atol=TOLERANCE, rtol=0)
     torch.testing.assert_close(stages.pooler_output, io["pooled"], atol=TOLERANCE, rtol=0)
     for stage in range(1, 5):

@@ -105,9 +105,7 @@ def window_partition(hidden_states: torch.Tensor, window_size: int) -> torch.Ten
 def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
     """(B, num_windows, window_size**2, C) -> (B, H, W, C); the inverse of `window_partition`."""
     batch_size, _, _, channels = windows.shape
-    windows = windows.view(
-        batch_size, height // window_size, width // window_size, window_size, window_size, channels
-    )
+    windows = windows.view(batch_size, height // window_size, width // window_size, window_size, window_size, channels)
     return windows.permute(0, 1, 3, 2, 4, 5).reshape(batch_size, height, width, channels)
 
 
@@ -147,6 +145,7 @@ def pooled_neighborhood(focal_window: int, level: int) -> tuple[int, torch.Tenso
 
 def shift_window_mask(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor:
     """Swin's shifted-window mask `(num_windows, window_size**2, window_size**2)`: 0 within a region, -100 across."""
+
     def regions(size):
         index = torch.arange(size)
         return (index >= size - window_size).long() + (index >= size - shift_size).long()
@@ -616,8 +615,9 @@ class FocalMLP(nn.Module):
 class FocalLayer(GradientCheckpointingLayer):
     """One Focal Transformer block: `(batch_size, height * width, dim)` -> same shape, and its attention weights."""
 
-    def __init__(self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry,
-                 drop_path_rate: float = 0.0):
+    def __init__(
+        self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry, drop_path_rate: float = 0.0
+    ):
         super().__init__()
         self.geometry = geometry
         self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
@@ -919,8 +919,10 @@ class FocalBackbone(BackboneMixin, FocalPreTrainedModel):
         self.num_features = [config.embed_dim] + [config.embed_dim * 2**i for i in range(len(config.depths))]
         self.focal = FocalModel(config, add_pooling_layer=False)
         self.hidden_states_norms = nn.ModuleDict(
-            {stage: nn.LayerNorm(channels, eps=config.layer_norm_eps)
-             for stage, channels in zip(self.out_features, self.channels)}
+            {
+                stage: nn.LayerNorm(channels, eps=config.layer_norm_eps)
+                for stage, channels in zip(self.out_features, self.channels)
+            }
         )
         self.post_init()
 
