@@ -93,22 +93,6 @@ class FocalImageClassifierOutput(ModelOutput):
 
 
 # ------------------------------------------------------------------------------------------ window geometry
-def window_partition(hidden_states: torch.Tensor, window_size: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B, num_windows, window_size**2, C), windows and their tokens row-major."""
-    batch_size, height, width, channels = hidden_states.shape
-    hidden_states = hidden_states.view(
-        batch_size, height // window_size, window_size, width // window_size, window_size, channels
-    )
-    return hidden_states.permute(0, 1, 3, 2, 4, 5).reshape(batch_size, -1, window_size * window_size, channels)
-
-
-def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
-    """(B, num_windows, window_size**2, C) -> (B, H, W, C); the inverse of `window_partition`."""
-    batch_size, _, _, channels = windows.shape
-    windows = windows.view(batch_size, height // window_size, width // window_size, window_size, window_size, channels)
-    return windows.permute(0, 1, 3, 2, 4, 5).reshape(batch_size, height, width, channels)
-
-
 def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
     """Index `(query_size**2, key_size**2)` into a `((query_size + key_size - 1) ** 2)` bias table, for a
     `query_size` window and a `key_size` grid of keys both anchored at their top-left corners."""
@@ -150,8 +134,9 @@ def shift_window_mask(height: int, width: int, window_size: int, shift_size: int
         index = torch.arange(size)
         return (index >= size - window_size).long() + (index >= size - shift_size).long()
 
-    labels = (regions(height)[:, None] * 3 + regions(width)[None, :])[None, :, :, None].float()
-    labels = window_partition(labels, window_size)[0, :, :, 0]  # num_windows, window_size**2
+    labels = regions(height)[:, None] * 3 + regions(width)[None, :]
+    labels = labels.view(height // window_size, window_size, width // window_size, window_size)
+    labels = labels.transpose(1, 2).reshape(-1, window_size * window_size)  # num_windows, window_size**2
     return (labels[:, None, :] != labels[:, :, None]).float() * MASK_VALUE
 
 
@@ -447,7 +432,7 @@ class FocalAttentionBase(nn.Module):
         raise NotImplementedError
 
     def attention_bias(self, layout: FocalKeyLayout) -> torch.Tensor:
-        """Additive bias `(num_windows or 1, num_heads, window_size**2, num_keys)`."""
+        """Additive bias `(num_heads, num_windows or 1, window_size**2, num_keys)`."""
         raise NotImplementedError
 
     def forward(
@@ -472,19 +457,16 @@ class FocalAttentionBase(nn.Module):
             sources.append(key_value.new_zeros(batch_size, 1, 2 * dim))
         key_value = torch.cat(sources, dim=1) if len(sources) > 1 else sources[0]
 
-        # windows become attention "heads": (batch, num_windows * num_heads, tokens, head_dim)
-        key_value = key_value[:, layout.key_index.flatten()]
-        key_value = key_value.view(batch_size, num_windows, num_keys, 2, self.num_heads, self.head_dim)
-        key_value = key_value.permute(3, 0, 1, 4, 2, 5).reshape(
-            2, batch_size, num_windows * self.num_heads, num_keys, self.head_dim
-        )
-        query = window_partition(query, window_size).view(
-            batch_size, num_windows, window_area, self.num_heads, self.head_dim
-        )
-        query = query.transpose(2, 3).reshape(batch_size, num_windows * self.num_heads, window_area, self.head_dim)
+        # (window, head) pairs become attention "heads", head-major: (batch, num_heads * num_windows, tokens, head_dim)
+        key_value = key_value.view(batch_size, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).contiguous()
+        key_value = key_value.index_select(3, layout.key_index.flatten())  # each window's keys, in layout order
+        key_value = key_value.reshape(2, batch_size, self.num_heads * num_windows, num_keys, self.head_dim)
+        grid_h, grid_w = height // window_size, width // window_size
+        query = query.view(batch_size, grid_h, window_size, grid_w, window_size, self.num_heads, self.head_dim)
+        query = query.permute(0, 5, 1, 3, 2, 4, 6).reshape(batch_size, -1, window_area, self.head_dim)
 
-        bias = self.attention_bias(layout).to(query.dtype)
-        bias = bias.expand(num_windows, -1, -1, -1).reshape(1, num_windows * self.num_heads, window_area, num_keys)
+        bias = self.attention_bias(layout).to(query.dtype)  # num_heads, num_windows or 1, window_area, num_keys
+        bias = bias.expand(-1, num_windows, -1, -1).reshape(1, -1, window_area, num_keys)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -499,12 +481,13 @@ class FocalAttentionBase(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        # (batch, window_area, num_windows * num_heads, head_dim) -> (batch, num_windows, window_area, dim)
-        attn_output = attn_output.reshape(batch_size, window_area, num_windows, dim).transpose(1, 2)
+        # (batch, window_area, num_heads * num_windows, head_dim) -> (batch, height, width, dim): windows reversed
+        attn_output = attn_output.view(batch_size, window_size, window_size, self.num_heads, grid_h, grid_w, -1)
+        attn_output = attn_output.permute(0, 4, 1, 5, 2, 3, 6).reshape(batch_size, height, width, dim)
         attn_output = self.proj_dropout(self.proj(attn_output))
-        attn_output = window_reverse(attn_output, window_size, height, width)
-        if attn_weights is not None:
-            attn_weights = attn_weights.reshape(batch_size * num_windows, self.num_heads, window_area, num_keys)
+        if attn_weights is not None:  # -> (batch * num_windows, num_heads, window_area, num_keys)
+            attn_weights = attn_weights.view(batch_size, self.num_heads, num_windows, window_area, num_keys)
+            attn_weights = attn_weights.transpose(1, 2).reshape(-1, self.num_heads, window_area, num_keys)
         return attn_output, attn_weights
 
 
@@ -562,9 +545,9 @@ class FocalSelfAttention(FocalAttentionBase):
         for level, table in enumerate(self.relative_position_bias_table_to_windows):
             index = getattr(self, f"relative_position_index_to_windows_{level}")
             biases.append(table[:, index].view(self.num_heads, window_area, -1))
-        bias = torch.cat(biases, dim=-1)[None]  # 1, num_heads, window_area, num_keys
+        bias = torch.cat(biases, dim=-1)[:, None]  # num_heads, 1, window_area, num_keys
         if layout.key_mask is not None:
-            bias = bias + layout.key_mask[:, None].to(bias.dtype)
+            bias = bias + layout.key_mask.to(bias.dtype)
         return bias
 
 
@@ -585,12 +568,12 @@ class FocalFastSelfAttention(FocalAttentionBase):
         return focal_fast_key_layout(height, width, geometry.window_size, geometry.focal_level, self.topk, device)
 
     def attention_bias(self, layout: FocalKeyLayout) -> torch.Tensor:
-        """MLP position bias of every (window, query, key), `(num_windows, num_heads, window_size**2, num_keys)`."""
+        """MLP position bias of every (window, query, key), `(num_heads, num_windows, window_size**2, num_keys)`."""
         biases = [
             mlp(distinct.to(mlp[0].weight.dtype))[which]  # num_windows, window_area, k, num_heads
             for mlp, (distinct, which) in zip(self.relative_position_mlps, layout.key_coords)
         ]
-        return torch.cat(biases, dim=2).permute(0, 3, 1, 2)
+        return torch.cat(biases, dim=2).permute(3, 0, 1, 2)
 
 
 FOCAL_ATTENTION_CLASSES = {"focal": FocalSelfAttention, "focal_fast": FocalFastSelfAttention}
