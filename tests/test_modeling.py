@@ -14,7 +14,7 @@ from transformers import (
 )
 
 from focal_hf import FocalBackbone, FocalConfig, FocalForImageClassification, FocalModel
-from focal_hf.modeling_focal import focal_fast_key_layout, focal_key_layout
+from focal_hf.modeling_focal import cached_key_layout
 
 ATTENTIONS = ["focal", "focal_fast"]
 # non-square, not multiples of 32 or of the window, down to the 32 px minimum
@@ -130,14 +130,15 @@ def test_any_input_size_with_options(overrides):
 @pytest.mark.parametrize("attention_type", ATTENTIONS)
 def test_key_layouts_are_built_once_per_size(attention_type):
     model = make(FocalModel, attention_type)
-    layout_cache = focal_key_layout if attention_type == "focal" else focal_fast_key_layout
-    pixel_values = torch.randn(1, 3, 80, 48)
     with torch.no_grad():
-        model(pixel_values)
-        misses = layout_cache.cache_info().misses
-        model(pixel_values)
-        model(pixel_values)
-    assert layout_cache.cache_info().misses == misses
+        misses = cached_key_layout.cache_info().misses
+        model(torch.randn(1, 3, 64, 64))  # the configured size: layouts held by the model
+        assert cached_key_layout.cache_info().misses == misses
+        model(torch.randn(1, 3, 80, 48))
+        misses = cached_key_layout.cache_info().misses
+        model(torch.randn(1, 3, 80, 48))
+        model(torch.randn(2, 3, 80, 48))
+    assert cached_key_layout.cache_info().misses == misses
 
 
 @pytest.mark.parametrize(
@@ -313,3 +314,22 @@ def test_backbone_in_upernet_trains_at_two_sizes(attention_type):
         outputs.loss.backward()
         grad = model.backbone.focal.encoder.layers[0].blocks[0].attention.qkv.weight.grad
         assert grad is not None and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("attention_type", ATTENTIONS)
+def test_torch_compile_has_no_graph_breaks(attention_type):
+    model = make(FocalForImageClassification, attention_type, use_shift=True)
+    pixel_values = torch.randn(2, 3, 64, 64)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(pixel_values)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(pixel_values).logits, model(pixel_values).logits, atol=1e-5, rtol=0)
+
+
+def test_layouts_follow_the_model_to_its_dtype_and_device():
+    model = make(FocalModel).to(torch.bfloat16)
+    layout = model.encoder.layers[0].blocks[0].attention.layout
+    assert layout.key_mask.dtype == torch.bfloat16 and layout.key_index.dtype == torch.long
+    assert not any("layout" in name for name in model.state_dict())  # recomputed, never saved

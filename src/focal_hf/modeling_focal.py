@@ -140,9 +140,10 @@ def shift_window_mask(height: int, width: int, window_size: int, shift_size: int
     return (labels[:, None, :] != labels[:, :, None]).float() * MASK_VALUE
 
 
-@dataclass(frozen=True)
-class FocalKeyLayout:
-    """Where each window's keys come from, for one input size. Built once per size and cached.
+class FocalKeyLayout(nn.Module):
+    """Where each window's keys come from, for one input size: non-persistent buffers, so the layout moves with
+    the model (`.to(device)`) and `torch.compile` sees constants. Each attention holds the layout of the configured
+    image size; other sizes come from `cached_key_layout`.
 
     key_index (`(num_windows, num_keys)`): index into the key source, the concatenation of the padded
         fine-grained map (`padded_height * padded_width` tokens), each pooled map, and one all-zero token.
@@ -153,9 +154,40 @@ class FocalKeyLayout:
         num_keys_of_level)`.
     """
 
-    key_index: torch.Tensor
-    key_mask: torch.Tensor | None = None
-    key_coords: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+    def __init__(self, builder: Callable, *args):
+        super().__init__()
+        self.builder, self.args = builder, args
+        with torch.device("cpu"):  # real tensors even when the model is built on the meta device
+            key_index, key_mask, key_coords = builder(*args)
+        self.register_buffer("key_index", key_index, persistent=False)
+        self.register_buffer("key_mask", key_mask, persistent=False)
+        self.num_coord_levels = len(key_coords)
+        for level, (distinct, which) in enumerate(key_coords):
+            self.register_buffer(f"distinct_coords_{level}", distinct, persistent=False)
+            self.register_buffer(f"coord_index_{level}", which, persistent=False)
+
+    @property
+    def key_coords(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (getattr(self, f"distinct_coords_{level}"), getattr(self, f"coord_index_{level}"))
+            for level in range(self.num_coord_levels)
+        ]
+
+    def reset(self) -> None:
+        """Recompute the buffers (`from_pretrained` builds models on the meta device)."""
+        key_index, key_mask, key_coords = self.builder(*self.args)
+        init.copy_(self.key_index, key_index)
+        if key_mask is not None:
+            init.copy_(self.key_mask, key_mask)
+        for level, (distinct, which) in enumerate(key_coords):
+            init.copy_(getattr(self, f"distinct_coords_{level}"), distinct)
+            init.copy_(getattr(self, f"coord_index_{level}"), which)
+
+
+@functools.lru_cache(maxsize=256)
+def cached_key_layout(builder: Callable, args: tuple, device: torch.device) -> FocalKeyLayout:
+    """The `FocalKeyLayout` of `builder(*args)` on `device`, built once per input size and kept."""
+    return FocalKeyLayout(builder, *args).to(device)
 
 
 def _grid(height: int, width: int) -> torch.Tensor:
@@ -164,8 +196,9 @@ def _grid(height: int, width: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def focal_key_layout(height: int, width: int, geometry: FocalBlockGeometry, device: torch.device) -> FocalKeyLayout:
-    """Key layout of a focal-attention block with `geometry` on a `height x width` map (padded to whole windows)."""
+def focal_key_layout(height: int, width: int, geometry: FocalBlockGeometry):
+    """`FocalKeyLayout` tensors of a focal-attention block with `geometry` on a `height x width` map (padded to whole
+    windows): key index, key mask (or `None`), no coordinates. Cached: blocks of one geometry share them."""
     window_size = geometry.window_size
     grid_h, grid_w = -(-height // window_size), -(-width // window_size)
     height, width = grid_h * window_size, grid_w * window_size
@@ -202,8 +235,7 @@ def focal_key_layout(height: int, width: int, geometry: FocalBlockGeometry, devi
         shift_mask = shift_window_mask(height, width, window_size, geometry.shift_size)
         key_mask = key_mask.expand(-1, window_area, -1).clone()
         key_mask[:, :, :window_area] += shift_mask
-    has_mask = bool((key_mask != 0).any())
-    return FocalKeyLayout(key_index.to(device), key_mask.to(device) if has_mask else None)
+    return key_index, key_mask if bool((key_mask != 0).any()) else None, ()
 
 
 def nearest_tokens(queries: torch.Tensor, keys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,10 +249,9 @@ def nearest_tokens(queries: torch.Tensor, keys: torch.Tensor, topk: int) -> tupl
 
 
 @functools.lru_cache(maxsize=256)
-def focal_fast_key_layout(
-    height: int, width: int, window_size: int, focal_level: int, topk: int, device: torch.device
-) -> FocalKeyLayout:
-    """Key layout of a Focal-fast block on a `height x width` map (the map is padded to whole windows).
+def focal_fast_key_layout(height: int, width: int, window_size: int, focal_level: int, topk: int):
+    """`FocalKeyLayout` tensors of a Focal-fast block on a `height x width` map (padded to whole windows): key
+    index, no mask, per-level coordinates.
 
     Level 0: the `topk` tokens of the map nearest to each window's centre. Level `l` >= 1: the `topk` windows
     nearest to the window on the window grid, read from pooled map `l` as the official code does (for `l` >= 2 it
@@ -243,10 +274,14 @@ def focal_fast_key_layout(
             relative = relative * window_size
             indices.append(start + index)
             start += (grid_h * 2 ** (level - 1)) * (grid_w * 2 ** (level - 1))
-        coords = relative[:, None, :, :] + in_window[None, :, None, :]  # num_windows, window_area, k, 2
-        distinct, which = torch.unique(coords.reshape(-1, 2), dim=0, return_inverse=True)
-        key_coords.append((distinct.to(device), which.view(coords.shape[:-1]).to(device)))
-    return FocalKeyLayout(torch.cat(indices, dim=1).to(device), key_coords=tuple(key_coords))
+        coords = relative[:, None, :, :].long() + in_window[None, :, None, :]  # num_windows, window_area, k, 2
+        span = 2 * int(coords.abs().max()) + 1  # integer coordinates: number them on a span x span grid
+        codes, which = torch.unique(
+            (coords[..., 0] + span // 2) * span + coords[..., 1] + span // 2, return_inverse=True
+        )
+        distinct = torch.stack((codes // span - span // 2, codes % span - span // 2), dim=-1).float()
+        key_coords.append((distinct, which))
+    return torch.cat(indices, dim=1), None, key_coords
 
 
 # -------------------------------------------------------------------------------------------------- modules
@@ -415,7 +450,9 @@ class FocalAttentionBase(nn.Module):
     `(batch_size * num_windows, num_heads, window_size**2, num_keys)`.
     """
 
-    def __init__(self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry):
+    def __init__(
+        self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry, grid: tuple[int, int]
+    ):
         super().__init__()
         self.config = config
         self.geometry = geometry
@@ -427,9 +464,20 @@ class FocalAttentionBase(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=config.qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.layout_size = grid
+        builder, args = self.layout_arguments(*grid)
+        self.layout = FocalKeyLayout(builder, *args)
+
+    def layout_arguments(self, height: int, width: int) -> tuple:
+        """`(builder, args)` of the key layout on a `height x width` map."""
+        raise NotImplementedError
 
     def key_layout(self, height: int, width: int, device: torch.device) -> FocalKeyLayout:
-        raise NotImplementedError
+        """The layout held for the configured size, or the cached one for another size."""
+        if (height, width) == self.layout_size:
+            return self.layout
+        builder, args = self.layout_arguments(height, width)
+        return cached_key_layout(builder, args, device)
 
     def attention_bias(self, layout: FocalKeyLayout) -> torch.Tensor:
         """Additive bias `(num_heads, num_windows or 1, window_size**2, num_keys)`."""
@@ -495,8 +543,10 @@ class FocalSelfAttention(FocalAttentionBase):
     """Focal self-attention (official `focal`): a window's own tokens, its expanded surroundings and a neighbourhood
     of pooled windows per coarse level, each with a learned relative position bias table."""
 
-    def __init__(self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry):
-        super().__init__(config, dim, num_heads, geometry)
+    def __init__(
+        self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry, grid: tuple[int, int]
+    ):
+        super().__init__(config, dim, num_heads, geometry, grid)
         window_size = geometry.window_size
         window_area = window_size * window_size
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
@@ -532,8 +582,8 @@ class FocalSelfAttention(FocalAttentionBase):
         for level, index in enumerate(self._pooled_indices()):
             init.copy_(getattr(self, f"relative_position_index_to_windows_{level}"), index)
 
-    def key_layout(self, height: int, width: int, device: torch.device) -> FocalKeyLayout:
-        return focal_key_layout(height, width, self.geometry, device)
+    def layout_arguments(self, height: int, width: int) -> tuple:
+        return focal_key_layout, (height, width, self.geometry)
 
     def attention_bias(self, layout: FocalKeyLayout) -> torch.Tensor:
         """Position bias in the key order of `focal_key_layout`, plus its mask."""
@@ -555,17 +605,19 @@ class FocalFastSelfAttention(FocalAttentionBase):
     """Focal-fast attention (official `focalv2`): per focal level, the `focal_topk` tokens nearest to the window,
     with a position bias computed by a small MLP (one per level) from the query-to-key coordinates."""
 
-    def __init__(self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry):
-        super().__init__(config, dim, num_heads, geometry)
-        self.topk = config.focal_topk
+    def __init__(
+        self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry, grid: tuple[int, int]
+    ):
+        super().__init__(config, dim, num_heads, geometry, grid)
         self.relative_position_mlps = nn.ModuleList(
             nn.Sequential(nn.Linear(2, self.head_dim), nn.ReLU(), nn.Linear(self.head_dim, num_heads))
             for _ in range(geometry.focal_level)
         )
 
-    def key_layout(self, height: int, width: int, device: torch.device) -> FocalKeyLayout:
+    def layout_arguments(self, height: int, width: int) -> tuple:
         geometry = self.geometry
-        return focal_fast_key_layout(height, width, geometry.window_size, geometry.focal_level, self.topk, device)
+        args = (height, width, geometry.window_size, geometry.focal_level, self.config.focal_topk)
+        return focal_fast_key_layout, args
 
     def attention_bias(self, layout: FocalKeyLayout) -> torch.Tensor:
         """MLP position bias of every (window, query, key), `(num_heads, num_windows, window_size**2, num_keys)`."""
@@ -599,13 +651,19 @@ class FocalLayer(GradientCheckpointingLayer):
     """One Focal Transformer block: `(batch_size, height * width, dim)` -> same shape, and its attention weights."""
 
     def __init__(
-        self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry, drop_path_rate: float = 0.0
+        self,
+        config: FocalConfig,
+        dim: int,
+        num_heads: int,
+        geometry: FocalBlockGeometry,
+        grid: tuple[int, int],
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
         self.geometry = geometry
         self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.window_pooling = FocalWindowPooling(geometry, dim) if geometry.num_pooled_levels else None
-        self.attention = FOCAL_ATTENTION_CLASSES[config.attention_type](config, dim, num_heads, geometry)
+        self.attention = FOCAL_ATTENTION_CLASSES[config.attention_type](config, dim, num_heads, geometry, grid)
         self.drop_path = FocalDropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
         self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = FocalMLP(config, dim)
@@ -662,7 +720,14 @@ class FocalStage(nn.Module):
         super().__init__()
         dim = config.embed_dim * 2**stage
         self.blocks = nn.ModuleList(
-            FocalLayer(config, dim, config.num_heads[stage], config.block_geometry(stage, block), drop_path[block])
+            FocalLayer(
+                config,
+                dim,
+                config.num_heads[stage],
+                config.block_geometry(stage, block),
+                config.stage_grid(stage),
+                drop_path[block],
+            )
             for block in range(config.depths[stage])
         )
         is_last = stage == len(config.depths) - 1
@@ -731,6 +796,8 @@ class FocalPreTrainedModel(PreTrainedModel):
             for table in module.relative_position_bias_table_to_windows:
                 init.trunc_normal_(table, std=std)
             module.reset_position_indices()
+        elif isinstance(module, FocalKeyLayout):
+            module.reset()
         elif isinstance(module, FocalLayer) and module.layer_scale_1 is not None:
             init.constant_(module.layer_scale_1, self.config.layerscale_value)
             init.constant_(module.layer_scale_2, self.config.layerscale_value)
