@@ -35,6 +35,8 @@ from .configuration_focal import FocalBlockGeometry, FocalConfig, pooled_window_
 
 # The official code masks with -100 (not -inf): padded pooled windows and shifted-window boundaries.
 MASK_VALUE = -100.0
+# On CPU, attention gathers keys for at most this many bytes at a time (below glibc's largest mmap threshold).
+CPU_CHUNK_BYTES = 16 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
@@ -507,8 +509,6 @@ class FocalAttentionBase(nn.Module):
 
         # (window, head) pairs become attention "heads", head-major: (batch, num_heads * num_windows, tokens, head_dim)
         key_value = key_value.view(batch_size, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).contiguous()
-        key_value = key_value.index_select(3, layout.key_index.flatten())  # each window's keys, in layout order
-        key_value = key_value.reshape(2, batch_size, self.num_heads * num_windows, num_keys, self.head_dim)
         grid_h, grid_w = height // window_size, width // window_size
         query = query.view(batch_size, grid_h, window_size, grid_w, window_size, self.num_heads, self.head_dim)
         query = query.permute(0, 5, 1, 3, 2, 4, 6).reshape(batch_size, -1, window_area, self.head_dim)
@@ -516,10 +516,46 @@ class FocalAttentionBase(nn.Module):
         bias = self.attention_bias(layout).to(query.dtype)  # num_heads, num_windows or 1, window_area, num_keys
         bias = bias.expand(-1, num_windows, -1, -1).reshape(1, -1, window_area, num_keys)
 
+        # On CPU, the gathered keys of a few images at a time: small buffers are recycled by the allocator, where one
+        # large buffer per call costs fresh pages (several times the gather itself).
+        chunk = batch_size
+        if hidden_states.device.type == "cpu":
+            image_bytes = 2 * query.shape[1] * num_keys * self.head_dim * query.element_size()
+            chunk = max(1, CPU_CHUNK_BYTES // image_bytes)
+        outputs = [
+            self.attend(query[start : start + chunk], key_value[:, start : start + chunk], bias, layout, **kwargs)
+            for start in range(0, batch_size, chunk)
+        ]
+        attn_output = torch.cat([output for output, _ in outputs]) if len(outputs) > 1 else outputs[0][0]
+        attn_weights = None
+        if outputs[0][1] is not None:  # -> (batch * num_windows, num_heads, window_area, num_keys)
+            attn_weights = torch.cat([weights for _, weights in outputs])
+            attn_weights = attn_weights.view(batch_size, self.num_heads, num_windows, window_area, num_keys)
+            attn_weights = attn_weights.transpose(1, 2).reshape(-1, self.num_heads, window_area, num_keys)
+
+        # (batch, window_area, num_heads * num_windows, head_dim) -> (batch, height, width, dim): windows reversed
+        attn_output = attn_output.view(batch_size, window_size, window_size, self.num_heads, grid_h, grid_w, -1)
+        attn_output = attn_output.permute(0, 4, 1, 5, 2, 3, 6).reshape(batch_size, height, width, dim)
+        return self.proj_dropout(self.proj(attn_output)), attn_weights
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key_value: torch.Tensor,
+        bias: torch.Tensor,
+        layout: FocalKeyLayout,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gather each window's keys and values from the source `(2, batch, num_heads, num_source_tokens, head_dim)`
+        and attend: `(batch, window_area, num_heads * num_windows, head_dim)` and the weights if eager."""
+        batch_size, _, window_area, _ = query.shape
+        num_keys = layout.key_index.shape[1]
+        key_value = key_value.index_select(3, layout.key_index.flatten())  # each window's keys, in layout order
+        key_value = key_value.view(2, batch_size, -1, num_keys, self.head_dim)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        attn_output, attn_weights = attention_interface(
+        return attention_interface(
             self,
             query,
             key_value[0],
@@ -529,14 +565,6 @@ class FocalAttentionBase(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        # (batch, window_area, num_heads * num_windows, head_dim) -> (batch, height, width, dim): windows reversed
-        attn_output = attn_output.view(batch_size, window_size, window_size, self.num_heads, grid_h, grid_w, -1)
-        attn_output = attn_output.permute(0, 4, 1, 5, 2, 3, 6).reshape(batch_size, height, width, dim)
-        attn_output = self.proj_dropout(self.proj(attn_output))
-        if attn_weights is not None:  # -> (batch * num_windows, num_heads, window_area, num_keys)
-            attn_weights = attn_weights.view(batch_size, self.num_heads, num_windows, window_area, num_keys)
-            attn_weights = attn_weights.transpose(1, 2).reshape(-1, self.num_heads, window_area, num_keys)
-        return attn_output, attn_weights
 
 
 class FocalSelfAttention(FocalAttentionBase):
