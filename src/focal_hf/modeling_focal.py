@@ -151,39 +151,30 @@ class FocalKeyLayout(nn.Module):
         fine-grained map (`padded_height * padded_width` tokens), each pooled map, and one all-zero token.
     key_mask (`(num_windows, 1 or window_size**2, num_keys)`, focal attention): additive mask, -100 on pooled
         positions outside the map and across shifted-window regions; `None` where nothing is masked.
-    key_coords (focal-fast attention): per focal level, the distinct query-to-key relative coordinates
-        `(num_distinct, 2)` and for every (window, query, key) which of them applies, `(num_windows, window_size**2,
-        num_keys_of_level)`.
+    distinct_coords_{level} (focal-fast attention): the distinct query-to-key relative coordinates `(num_distinct, 2)`
+        of each focal level, and coord_index (`(num_windows, window_size**2, num_keys)`): for every (window, query,
+        key), which of them applies, counting through the levels in order.
     """
 
     def __init__(self, builder: Callable, *args):
         super().__init__()
         self.builder, self.args = builder, args
         with torch.device("cpu"):  # real tensors even when the model is built on the meta device
-            key_index, key_mask, key_coords = builder(*args)
-        self.register_buffer("key_index", key_index, persistent=False)
-        self.register_buffer("key_mask", key_mask, persistent=False)
-        self.num_coord_levels = len(key_coords)
-        for level, (distinct, which) in enumerate(key_coords):
-            self.register_buffer(f"distinct_coords_{level}", distinct, persistent=False)
-            self.register_buffer(f"coord_index_{level}", which, persistent=False)
+            tensors = builder(*args)
+        levels = range(len(tensors) - 3)
+        self.names = ["key_index", "key_mask", "coord_index"] + [f"distinct_coords_{level}" for level in levels]
+        for name, tensor in zip(self.names, tensors):
+            self.register_buffer(name, tensor, persistent=False)
 
     @property
-    def key_coords(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [
-            (getattr(self, f"distinct_coords_{level}"), getattr(self, f"coord_index_{level}"))
-            for level in range(self.num_coord_levels)
-        ]
+    def distinct_coords(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.names[3:]]
 
     def reset(self) -> None:
         """Recompute the buffers (`from_pretrained` builds models on the meta device)."""
-        key_index, key_mask, key_coords = self.builder(*self.args)
-        init.copy_(self.key_index, key_index)
-        if key_mask is not None:
-            init.copy_(self.key_mask, key_mask)
-        for level, (distinct, which) in enumerate(key_coords):
-            init.copy_(getattr(self, f"distinct_coords_{level}"), distinct)
-            init.copy_(getattr(self, f"coord_index_{level}"), which)
+        for name, tensor in zip(self.names, self.builder(*self.args)):
+            if tensor is not None:
+                init.copy_(getattr(self, name), tensor)
 
 
 @functools.lru_cache(maxsize=256)
@@ -237,7 +228,7 @@ def focal_key_layout(height: int, width: int, geometry: FocalBlockGeometry):
         shift_mask = shift_window_mask(height, width, window_size, geometry.shift_size)
         key_mask = key_mask.expand(-1, window_area, -1).clone()
         key_mask[:, :, :window_area] += shift_mask
-    return key_index, key_mask if bool((key_mask != 0).any()) else None, ()
+    return key_index, key_mask if bool((key_mask != 0).any()) else None, None
 
 
 def nearest_tokens(queries: torch.Tensor, keys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +244,7 @@ def nearest_tokens(queries: torch.Tensor, keys: torch.Tensor, topk: int) -> tupl
 @functools.lru_cache(maxsize=256)
 def focal_fast_key_layout(height: int, width: int, window_size: int, focal_level: int, topk: int):
     """`FocalKeyLayout` tensors of a Focal-fast block on a `height x width` map (padded to whole windows): key
-    index, no mask, per-level coordinates.
+    index, no mask, coordinate index, the distinct coordinates of each level.
 
     Level 0: the `topk` tokens of the map nearest to each window's centre. Level `l` >= 1: the `topk` windows
     nearest to the window on the window grid, read from pooled map `l` as the official code does (for `l` >= 2 it
@@ -264,7 +255,7 @@ def focal_fast_key_layout(height: int, width: int, window_size: int, focal_level
     padded_w = grid_w * window_size
     windows = _grid(grid_h, grid_w)
     in_window = _grid(window_size, window_size).T - window_size // 2  # query offsets from the window centre
-    indices, key_coords = [], []
+    indices, coord_indices, distinct_coords = [], [], []
     start = grid_h * window_size * padded_w
     for level in range(focal_level):
         if level == 0:
@@ -281,9 +272,9 @@ def focal_fast_key_layout(height: int, width: int, window_size: int, focal_level
         codes, which = torch.unique(
             (coords[..., 0] + span // 2) * span + coords[..., 1] + span // 2, return_inverse=True
         )
-        distinct = torch.stack((codes // span - span // 2, codes % span - span // 2), dim=-1).float()
-        key_coords.append((distinct, which))
-    return torch.cat(indices, dim=1), None, key_coords
+        coord_indices.append(which + sum(len(distinct) for distinct in distinct_coords))
+        distinct_coords.append(torch.stack((codes // span - span // 2, codes % span - span // 2), dim=-1).float())
+    return torch.cat(indices, dim=1), None, torch.cat(coord_indices, dim=-1), *distinct_coords
 
 
 # -------------------------------------------------------------------------------------------------- modules
@@ -649,11 +640,11 @@ class FocalFastSelfAttention(FocalAttentionBase):
 
     def attention_bias(self, layout: FocalKeyLayout) -> torch.Tensor:
         """MLP position bias of every (window, query, key), `(num_heads, num_windows, window_size**2, num_keys)`."""
-        biases = [
-            mlp(distinct.to(mlp[0].weight.dtype))[which]  # num_windows, window_area, k, num_heads
-            for mlp, (distinct, which) in zip(self.relative_position_mlps, layout.key_coords)
+        tables = [
+            mlp(distinct.to(mlp[0].weight.dtype))  # num_distinct, num_heads
+            for mlp, distinct in zip(self.relative_position_mlps, layout.distinct_coords)
         ]
-        return torch.cat(biases, dim=2).permute(3, 0, 1, 2)
+        return torch.cat(tables).t()[:, layout.coord_index]
 
 
 FOCAL_ATTENTION_CLASSES = {"focal": FocalSelfAttention, "focal_fast": FocalFastSelfAttention}
