@@ -95,12 +95,17 @@ class FocalImageClassifierOutput(ModelOutput):
 
 
 # ------------------------------------------------------------------------------------------ window geometry
+def _grid(height: int, width: int) -> torch.Tensor:
+    """Row-major coordinates `(2, height * width)` of a `height x width` grid."""
+    return torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")).flatten(1)
+
+
 def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
     """Index `(query_size**2, key_size**2)` into a `((query_size + key_size - 1) ** 2)` bias table, for a
     `query_size` window and a `key_size` grid of keys both anchored at their top-left corners."""
-    query = torch.stack(torch.meshgrid(torch.arange(query_size), torch.arange(query_size), indexing="ij")).flatten(1)
-    key = torch.stack(torch.meshgrid(torch.arange(key_size), torch.arange(key_size), indexing="ij")).flatten(1)
-    relative = query[:, :, None] - key[:, None, :] + (key_size - 1)  # 2, Nq, Nk, both in [0, q + k - 2]
+    relative = (
+        _grid(query_size, query_size)[:, :, None] - _grid(key_size, key_size)[:, None, :] + (key_size - 1)
+    )  # 2, Nq, Nk, both in [0, q + k - 2]
     return relative[0] * (query_size + key_size - 1) + relative[1]
 
 
@@ -181,11 +186,6 @@ class FocalKeyLayout(nn.Module):
 def cached_key_layout(builder: Callable, args: tuple, device: torch.device) -> FocalKeyLayout:
     """The `FocalKeyLayout` of `builder(*args)` on `device`, built once per input size and kept."""
     return FocalKeyLayout(builder, *args).to(device)
-
-
-def _grid(height: int, width: int) -> torch.Tensor:
-    """Row-major coordinates `(2, height * width)` of a `height x width` grid."""
-    return torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")).flatten(1)
 
 
 @functools.lru_cache(maxsize=256)
