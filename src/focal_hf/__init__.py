@@ -1,15 +1,17 @@
 # Copyright 2026 The focal-hf authors. Licensed under the Apache License, Version 2.0.
 """Focal Transformer for Hugging Face Transformers. Importing this package registers `model_type="focal"` with
-`AutoConfig`, `AutoModel`, `AutoModelForImageClassification` and `AutoBackbone`."""
+`AutoConfig`, `AutoModel`, `AutoModelForImageClassification`, `AutoBackbone` and `AutoImageProcessor`."""
 
 from transformers import (
     AutoBackbone,
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
 )
 
 from .configuration_focal import FocalConfig
+from .image_processing_focal import FocalImageProcessor
 from .modeling_focal import FocalBackbone, FocalForImageClassification, FocalModel, FocalPreTrainedModel
 from .original import convert_original_state_dict, load_original_checkpoint, official_config
 
@@ -19,11 +21,13 @@ AutoConfig.register(FocalConfig.model_type, FocalConfig, exist_ok=True)
 AutoModel.register(FocalConfig, FocalModel, exist_ok=True)
 AutoModelForImageClassification.register(FocalConfig, FocalForImageClassification, exist_ok=True)
 AutoBackbone.register(FocalConfig, FocalBackbone, exist_ok=True)
+AutoImageProcessor.register(FocalConfig, image_processor_classes={"pil": FocalImageProcessor}, exist_ok=True)
 
 __all__ = [
     "FocalBackbone",
     "FocalConfig",
     "FocalForImageClassification",
+    "FocalImageProcessor",
     "FocalModel",
     "FocalPreTrainedModel",
     "convert_original_state_dict",
