@@ -1,0 +1,289 @@
+#!/usr/bin/env python
+# Copyright 2026 The focal-hf authors. Licensed under the Apache License, Version 2.0.
+"""Fine-tune (or train from scratch) a Focal Transformer for image classification with the 🤗 Trainer.
+
+Modelled on transformers' `examples/pytorch/image-classification/run_image_classification.py`:
+
+    python examples/run_image_classification.py --model_name_or_path focal-tiny \\
+        --train_dir my_images/train --validation_dir my_images/val --output_dir focal-tiny-finetuned \\
+        --do_train --do_eval --num_train_epochs 5 --learning_rate 5e-5 --eval_strategy epoch --save_strategy epoch \\
+        --load_best_model_at_end --metric_for_best_model accuracy
+
+Data: `--dataset_name` (any Hub/local image-classification dataset with an image and a ClassLabel column) or
+`--train_dir`/`--validation_dir` (folders of `<label>/<image>` files, read with `datasets`' `imagefolder`).
+Model: `--model_name_or_path` (a converted folder or Hub id) or, from scratch, `--model_preset` (an official name,
+e.g. `focal-tiny`) / `--config_name` (a config.json), with `--config_overrides` as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import evaluate
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+import focal_hf
+
+logger = logging.getLogger(__name__)
+ACCURACY = str(Path(__file__).resolve().parent / "metrics" / "accuracy")
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "Dataset name or path (`datasets.load_dataset`)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    train_dir: str | None = field(default=None, metadata={"help": "Folder of training images, one folder per label."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Folder of validation images, same layout."})
+    train_val_split: float = field(default=0.15, metadata={"help": "Validation fraction when there is no split."})
+    image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column_name: str = field(default="label", metadata={"help": "Column holding the labels (a ClassLabel)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set."})
+    crop_scale_min: float = field(default=0.08, metadata={"help": "Smallest area fraction of the random crop."})
+    horizontal_flip: bool = field(default=True, metadata={"help": "Flip training images horizontally at random."})
+
+    def __post_init__(self):
+        if self.dataset_name is None and self.train_dir is None:
+            raise ValueError("Give the data: --dataset_name, or --train_dir (and optionally --validation_dir).")
+        for folder in (self.train_dir, self.validation_dir):
+            if folder is not None and not Path(folder).is_dir():
+                raise ValueError(f"Data folder {folder!r} does not exist.")
+        if not 0 < self.crop_scale_min <= 1:
+            raise ValueError(f"--crop_scale_min must be in (0, 1], got {self.crop_scale_min}.")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A converted folder or Hub model id."})
+    model_preset: str | None = field(
+        default=None, metadata={"help": f"Train from scratch: one of {sorted(focal_hf.original.OFFICIAL_MODELS)}."}
+    )
+    config_name: str | None = field(default=None, metadata={"help": "Train from scratch: a config.json or folder."})
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "JSON of config attributes to override, e.g. '{\"embed_dim\": 32}'."}
+    )
+    image_processor_name: str | None = field(default=None, metadata={"help": "Image processor name or folder."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and datasets are kept."})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model's repository."})
+    ignore_mismatched_sizes: bool = field(
+        default=True, metadata={"help": "Replace a classifier of another size (e.g. ImageNet's 1000 classes)."}
+    )
+
+    def __post_init__(self):
+        sources = [self.model_name_or_path, self.model_preset, self.config_name]
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError("Give exactly one of --model_name_or_path, --model_preset and --config_name.")
+
+
+def load_data(data_args: DataTrainingArguments, cache_dir: str | None) -> datasets.DatasetDict:
+    """The dataset with `train` and `validation` splits, its columns checked."""
+    if data_args.dataset_name is not None:
+        dataset = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
+    else:
+        data_files = {"train": os.path.join(data_args.train_dir, "**")}
+        if data_args.validation_dir is not None:
+            data_files["validation"] = os.path.join(data_args.validation_dir, "**")
+        dataset = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
+    if "train" not in dataset:
+        raise ValueError(f"The dataset has no 'train' split (it has {list(dataset)}).")
+    columns = dataset["train"].column_names
+    for kind, name in (("image", data_args.image_column_name), ("label", data_args.label_column_name)):
+        if name not in columns:
+            raise ValueError(
+                f"No {kind} column {name!r} in the dataset (columns: {columns}); pass --{kind}_column_name."
+            )
+    if not isinstance(dataset["train"].features[data_args.label_column_name], datasets.ClassLabel):
+        raise ValueError(
+            f"Column {data_args.label_column_name!r} holds no class labels "
+            f"({dataset['train'].features[data_args.label_column_name]}): a ClassLabel column is needed."
+        )
+    if "validation" not in dataset:
+        split = dataset["train"].train_test_split(data_args.train_val_split, seed=0)
+        dataset["train"], dataset["validation"] = split["train"], split["test"]
+    return dataset
+
+
+def load_model(model_args: ModelArguments, labels: list[str]):
+    """The model (pretrained or new) with a classifier for `labels`, and its image processor."""
+    label2id = {label: index for index, label in enumerate(labels)}
+    id2label = dict(enumerate(labels))
+    overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
+    common = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    if model_args.model_name_or_path is not None:
+        config = AutoConfig.from_pretrained(
+            model_args.model_name_or_path,
+            num_labels=len(labels),
+            label2id=label2id,
+            id2label=id2label,
+            **overrides,
+            **common,
+        )
+        model = AutoModelForImageClassification.from_pretrained(
+            model_args.model_name_or_path,
+            config=config,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            **common,
+        )
+    else:
+        kwargs = {"num_labels": len(labels), "label2id": label2id, "id2label": id2label, **overrides}
+        if model_args.model_preset is not None:
+            config = focal_hf.official_config(model_args.model_preset, **kwargs)
+        else:
+            config = AutoConfig.from_pretrained(model_args.config_name, **kwargs, **common)
+        model = AutoModelForImageClassification.from_config(config)
+    processor_source = model_args.image_processor_name or model_args.model_name_or_path
+    if processor_source is not None:
+        image_processor = AutoImageProcessor.from_pretrained(processor_source, **common)
+    else:  # a new model: the official evaluation transform scaled to the model's image size
+        height, width = model.config.image_size_2d
+        image_processor = focal_hf.FocalImageProcessor(
+            size={"shortest_edge": int(min(height, width) / 0.875)}, crop_size={"height": height, "width": width}
+        )
+    return model, image_processor
+
+
+def random_resized_crop(image: Image.Image, size: tuple[int, int], scale: tuple[float, float], rng: random.Random):
+    """Inception-style crop: a random area fraction in `scale` and aspect ratio in [3/4, 4/3], resized to `size`."""
+    width, height = image.size
+    for _ in range(10):
+        area = width * height * rng.uniform(*scale)
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        crop_w, crop_h = round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
+            break
+    else:  # fall back to the whole image
+        left, top, crop_w, crop_h = 0, 0, width, height
+    return image.resize(size[::-1], Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
+
+
+def make_transforms(image_processor, data_args: DataTrainingArguments, seed: int):
+    """Training (random-resized-crop, flip, then the processor's scaling/normalisation) and evaluation transforms."""
+    crop = image_processor.crop_size
+    size = (crop["height"], crop["width"])
+    rng = random.Random(seed)
+    image_column, label_column = data_args.image_column_name, data_args.label_column_name
+
+    def train_transforms(batch):
+        images = []
+        for image in batch[image_column]:
+            image = random_resized_crop(image.convert("RGB"), size, (data_args.crop_scale_min, 1.0), rng)
+            if data_args.horizontal_flip and rng.random() < 0.5:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            images.append(image)
+        pixel_values = image_processor(images, do_resize=False, do_center_crop=False, return_tensors="pt")
+        return {"pixel_values": list(pixel_values["pixel_values"]), "labels": batch[label_column]}
+
+    def eval_transforms(batch):
+        images = [image.convert("RGB") for image in batch[image_column]]
+        pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": list(pixel_values), "labels": batch[label_column]}
+
+    return train_transforms, eval_transforms
+
+
+def collate_fn(examples):
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([example["labels"] for example in examples]),
+    }
+
+
+def main(args: list[str] | None = None) -> dict:
+    """Run the example; returns the final metrics."""
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    if args is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args)
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    set_seed(training_args.seed)
+
+    dataset = load_data(data_args, model_args.cache_dir)
+    labels = dataset["train"].features[data_args.label_column_name].names
+    model, image_processor = load_model(model_args, labels)
+    train_transforms, eval_transforms = make_transforms(image_processor, data_args, training_args.seed)
+    if training_args.do_train:
+        if data_args.max_train_samples is not None:
+            dataset["train"] = (
+                dataset["train"]
+                .shuffle(seed=training_args.seed)
+                .select(range(min(data_args.max_train_samples, len(dataset["train"]))))
+            )
+        dataset["train"].set_transform(train_transforms)
+    if training_args.do_eval:
+        if data_args.max_eval_samples is not None:
+            dataset["validation"] = (
+                dataset["validation"]
+                .shuffle(seed=training_args.seed)
+                .select(range(min(data_args.max_eval_samples, len(dataset["validation"]))))
+            )
+        dataset["validation"].set_transform(eval_transforms)
+
+    accuracy = evaluate.load(ACCURACY)  # a local copy of the Hub's `accuracy`: works offline
+
+    def compute_metrics(prediction):
+        return accuracy.compute(predictions=np.argmax(prediction.predictions, axis=1), references=prediction.label_ids)
+
+    training_args.remove_unused_columns = False  # the transforms need the image column
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset["train"] if training_args.do_train else None,
+        eval_dataset=dataset["validation"] if training_args.do_eval else None,
+        compute_metrics=compute_metrics,
+        processing_class=image_processor,
+        data_collator=collate_fn,
+    )
+    metrics = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()  # model.safetensors, config.json and the image processor
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        metrics.update(result.metrics)
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(finetuned_from=model_args.model_name_or_path, tasks="image-classification")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
