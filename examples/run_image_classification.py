@@ -37,6 +37,7 @@ from transformers import (
     AutoModelForImageClassification,
     HfArgumentParser,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
@@ -166,7 +167,9 @@ def load_model(model_args: ModelArguments, labels: list[str]):
     return model, image_processor
 
 
-def random_resized_crop(image: Image.Image, size: tuple[int, int], scale: tuple[float, float], rng: random.Random):
+def random_resized_crop(
+    image: Image.Image, size: tuple[int, int], scale: tuple[float, float], rng: random.Random
+) -> Image.Image:
     """Inception-style crop: a random area fraction in `scale` and aspect ratio in [3/4, 4/3], resized to `size`."""
     width, height = image.size
     for _ in range(10):
@@ -181,16 +184,44 @@ def random_resized_crop(image: Image.Image, size: tuple[int, int], scale: tuple[
     return image.resize(size[::-1], Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
 
 
-def make_transforms(image_processor, data_args: DataTrainingArguments, seed: int):
-    """Training (random-resized-crop, flip, then the processor's scaling/normalisation) and evaluation transforms."""
+class AugmentationSeed:
+    """Seeds each training example's augmentation from (seed, epoch, example index) — not from a running random
+    state, which data loaders draw ahead of training — so a resumed run augments exactly as an uninterrupted one.
+    The training loop sets `epoch`."""
+
+    def __init__(self, seed: int):
+        self.seed, self.epoch = seed, 0
+
+    def rng(self, index: int) -> random.Random:
+        return random.Random(f"{self.seed}-{self.epoch}-{index}")
+
+
+class EpochCallback(TrainerCallback):
+    """Tells the augmentation which epoch the Trainer is in."""
+
+    def __init__(self, augmentation_seed: AugmentationSeed):
+        self.augmentation_seed = augmentation_seed
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.augmentation_seed.epoch = int(state.epoch or 0)
+
+
+def add_example_index(split: datasets.Dataset) -> datasets.Dataset:
+    """The split with an `example_index` column (what `AugmentationSeed` seeds from)."""
+    return split.add_column("example_index", list(range(len(split))))
+
+
+def make_transforms(image_processor, data_args: DataTrainingArguments, augmentation_seed: AugmentationSeed):
+    """Training (random-resized-crop, flip, then the processor's scaling/normalisation) and evaluation transforms.
+    The training split needs an `example_index` column (`add_example_index`)."""
     crop = image_processor.crop_size
     size = (crop["height"], crop["width"])
-    rng = random.Random(seed)
     image_column, label_column = data_args.image_column_name, data_args.label_column_name
 
     def train_transforms(batch):
         images = []
-        for image in batch[image_column]:
+        for image, index in zip(batch[image_column], batch["example_index"]):
+            rng = augmentation_seed.rng(index)
             image = random_resized_crop(image.convert("RGB"), size, (data_args.crop_scale_min, 1.0), rng)
             if data_args.horizontal_flip and rng.random() < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
@@ -234,7 +265,8 @@ def main(args: list[str] | None = None) -> dict:
     dataset = load_data(data_args, model_args.cache_dir)
     labels = dataset["train"].features[data_args.label_column_name].names
     model, image_processor = load_model(model_args, labels)
-    train_transforms, eval_transforms = make_transforms(image_processor, data_args, training_args.seed)
+    augmentation_seed = AugmentationSeed(training_args.seed)
+    train_transforms, eval_transforms = make_transforms(image_processor, data_args, augmentation_seed)
     if training_args.do_train:
         if data_args.max_train_samples is not None:
             dataset["train"] = (
@@ -242,6 +274,7 @@ def main(args: list[str] | None = None) -> dict:
                 .shuffle(seed=training_args.seed)
                 .select(range(min(data_args.max_train_samples, len(dataset["train"]))))
             )
+        dataset["train"] = add_example_index(dataset["train"])
         dataset["train"].set_transform(train_transforms)
     if training_args.do_eval:
         if data_args.max_eval_samples is not None:
@@ -266,6 +299,7 @@ def main(args: list[str] | None = None) -> dict:
         compute_metrics=compute_metrics,
         processing_class=image_processor,
         data_collator=collate_fn,
+        callbacks=[EpochCallback(augmentation_seed)],
     )
     metrics = {}
     if training_args.do_train:

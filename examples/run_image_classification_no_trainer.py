@@ -1,0 +1,274 @@
+#!/usr/bin/env python
+# Copyright 2026 The focal-hf authors. Licensed under the Apache License, Version 2.0.
+"""Fine-tune (or train from scratch) a Focal Transformer for image classification with 🤗 Accelerate.
+
+Modelled on transformers' `run_image_classification_no_trainer.py`; the same data and model options as
+`run_image_classification.py` (whose loading and transforms it reuses). Runs unchanged on one CPU, one GPU or many
+GPUs/nodes:
+
+    accelerate launch examples/run_image_classification_no_trainer.py --model_name_or_path focal-tiny \\
+        --train_dir my_images/train --validation_dir my_images/val --output_dir out \\
+        --mixed_precision bf16 --gradient_accumulation_steps 2 --checkpointing_steps epoch
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import evaluate
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_image_classification import (  # noqa: E402
+    ACCURACY,
+    AugmentationSeed,
+    DataTrainingArguments,
+    ModelArguments,
+    add_example_index,
+    collate_fn,
+    load_data,
+    load_model,
+    make_transforms,
+)
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", help="dataset name or path (datasets.load_dataset)")
+    data.add_argument("--dataset_config_name")
+    data.add_argument("--train_dir", help="folder of training images, one folder per label")
+    data.add_argument("--validation_dir", help="folder of validation images, same layout")
+    data.add_argument("--train_val_split", type=float, default=0.15)
+    data.add_argument("--image_column_name", default="image")
+    data.add_argument("--label_column_name", default="label")
+    data.add_argument("--max_train_samples", type=int)
+    data.add_argument("--max_eval_samples", type=int)
+    data.add_argument("--crop_scale_min", type=float, default=0.08)
+    data.add_argument("--no_horizontal_flip", action="store_true")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_name_or_path", help="a converted folder or Hub model id")
+    model.add_argument("--model_preset", help="train from scratch: an official architecture name")
+    model.add_argument("--config_name", help="train from scratch: a config.json or folder")
+    model.add_argument("--config_overrides", help="JSON of config attributes to override")
+    model.add_argument("--image_processor_name")
+    model.add_argument("--cache_dir")
+    model.add_argument("--trust_remote_code", action="store_true")
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", required=True)
+    train.add_argument("--per_device_train_batch_size", type=int, default=8)
+    train.add_argument("--per_device_eval_batch_size", type=int, default=8)
+    train.add_argument("--learning_rate", type=float, default=5e-5)
+    train.add_argument("--weight_decay", type=float, default=0.0)
+    train.add_argument("--num_train_epochs", type=int, default=3)
+    train.add_argument("--max_train_steps", type=int, help="overrides --num_train_epochs")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--lr_scheduler_type", default="linear")
+    train.add_argument("--num_warmup_steps", type=int, default=0)
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpointing_steps", help="save the training state every N steps, or 'epoch'")
+    train.add_argument("--resume_from_checkpoint", help="a checkpoint folder written by --checkpointing_steps")
+    train.add_argument("--with_tracking", action="store_true", help="log metrics with accelerate's trackers")
+    train.add_argument("--report_to", default="all", help="trackers for --with_tracking")
+    train.add_argument("--push_to_hub", action="store_true")
+    train.add_argument("--hub_model_id")
+    args = parser.parse_args(argv)
+    if args.checkpointing_steps not in (None, "epoch") and not args.checkpointing_steps.isdigit():
+        parser.error(f"--checkpointing_steps must be a number of steps or 'epoch', got {args.checkpointing_steps!r}")
+    if args.resume_from_checkpoint is not None and not Path(args.resume_from_checkpoint).is_dir():
+        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder")
+    try:  # the shared dataclasses check data and model sources
+        args.data = DataTrainingArguments(
+            dataset_name=args.dataset_name,
+            dataset_config_name=args.dataset_config_name,
+            train_dir=args.train_dir,
+            validation_dir=args.validation_dir,
+            train_val_split=args.train_val_split,
+            image_column_name=args.image_column_name,
+            label_column_name=args.label_column_name,
+            max_train_samples=args.max_train_samples,
+            max_eval_samples=args.max_eval_samples,
+            crop_scale_min=args.crop_scale_min,
+            horizontal_flip=not args.no_horizontal_flip,
+        )
+        args.model = ModelArguments(
+            model_name_or_path=args.model_name_or_path,
+            model_preset=args.model_preset,
+            config_name=args.config_name,
+            config_overrides=args.config_overrides,
+            image_processor_name=args.image_processor_name,
+            cache_dir=args.cache_dir,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def main(argv=None) -> dict:
+    """Train and evaluate; returns the final metrics (on the main process)."""
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same order after a resume
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    set_seed(args.seed)
+
+    with accelerator.main_process_first():
+        dataset = load_data(args.data, args.model.cache_dir)
+    labels = dataset["train"].features[args.label_column_name].names
+    model, image_processor = load_model(args.model, labels)
+    augmentation_seed = AugmentationSeed(args.seed)
+    train_transforms, eval_transforms = make_transforms(image_processor, args.data, augmentation_seed)
+    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+        if limit is not None:
+            dataset[split] = dataset[split].shuffle(seed=args.seed).select(range(min(limit, len(dataset[split]))))
+    dataset["train"] = add_example_index(dataset["train"])
+    dataset["train"].set_transform(train_transforms)
+    dataset["validation"].set_transform(eval_transforms)
+    train_dataloader = DataLoader(
+        dataset["train"], shuffle=True, collate_fn=collate_fn, batch_size=args.per_device_train_batch_size
+    )
+    eval_dataloader = DataLoader(
+        dataset["validation"], collate_fn=collate_fn, batch_size=args.per_device_eval_batch_size
+    )
+
+    no_decay = ("bias", "norm", "relative_position", "position_embeddings")
+    groups = [
+        {
+            "params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
+            "weight_decay": args.weight_decay,
+        },
+        {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate)
+    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps, num_training_steps=max_train_steps
+    )
+    model, optimizer, train_dataloader, eval_dataloader, scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, scheduler
+    )
+    if args.with_tracking:
+        accelerator.init_trackers(
+            "focal_image_classification",
+            {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+        )
+
+    completed_steps, start_epoch, skip_batches = 0, 0, 0
+    if args.resume_from_checkpoint:
+        completed_steps = int(json.loads((Path(args.resume_from_checkpoint) / "progress.json").read_text())["step"])
+        start_epoch = completed_steps // steps_per_epoch
+        skip_batches = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
+
+    def save_checkpoint(name: str):
+        folder = Path(args.output_dir) / name
+        accelerator.save_state(str(folder))
+        if accelerator.is_main_process:
+            (folder / "progress.json").write_text(json.dumps({"step": completed_steps}))
+
+    progress = tqdm(range(max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process)
+    losses = []
+    for epoch in range(start_epoch, num_epochs):
+        model.train()
+        train_dataloader.set_epoch(epoch)
+        augmentation_seed.epoch = epoch
+        batches = train_dataloader
+        if epoch == start_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        batches = iter(batches)
+        if args.resume_from_checkpoint and epoch == start_epoch:
+            # Starting an epoch's loader draws from the random state. A checkpoint taken mid-epoch was saved after
+            # that draw, so restore after starting the loader; one taken at an epoch's end, before.
+            if skip_batches:
+                batches = itertools.chain([next(batches)], batches)
+                accelerator.load_state(args.resume_from_checkpoint)
+            else:
+                accelerator.load_state(args.resume_from_checkpoint)
+                batches = iter(train_dataloader)
+            accelerator.print(f"Resumed from {args.resume_from_checkpoint} at step {completed_steps}")
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                completed_steps += 1
+                progress.update(1)
+                loss_value = accelerator.gather(loss.detach()).mean().item()
+                losses.append(loss_value)
+                progress.set_postfix(loss=f"{loss_value:.4f}")
+                if args.with_tracking:
+                    accelerator.log({"train_loss": loss_value, "lr": scheduler.get_last_lr()[0]}, step=completed_steps)
+                if args.checkpointing_steps and args.checkpointing_steps.isdigit():
+                    if completed_steps % int(args.checkpointing_steps) == 0:
+                        save_checkpoint(f"step_{completed_steps}")
+            if completed_steps >= max_train_steps:
+                break
+        if args.checkpointing_steps == "epoch":
+            save_checkpoint(f"epoch_{epoch}")
+        if completed_steps >= max_train_steps:
+            break
+
+    metrics = evaluate_model(accelerator, model, eval_dataloader)
+    metrics["train_losses"] = losses
+    accelerator.print(f"eval accuracy {metrics['accuracy']:.4f}")
+    if args.with_tracking:
+        accelerator.log({"eval_accuracy": metrics["accuracy"]}, step=completed_steps)
+        accelerator.end_training()
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(
+        args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+    )
+    if accelerator.is_main_process:
+        image_processor.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "all_results.json"), "w") as handle:
+            json.dump({"eval_accuracy": metrics["accuracy"]}, handle)
+        if args.push_to_hub:
+            unwrapped.push_to_hub(args.hub_model_id or Path(args.output_dir).name)
+            image_processor.push_to_hub(args.hub_model_id or Path(args.output_dir).name)
+    return metrics
+
+
+def evaluate_model(accelerator: Accelerator, model, eval_dataloader) -> dict:
+    """Accuracy over the whole validation set, gathered from every process."""
+    accuracy = evaluate.load(ACCURACY)
+    model.eval()
+    for batch in eval_dataloader:
+        with torch.no_grad():
+            logits = model(**batch).logits
+        predictions, references = accelerator.gather_for_metrics((logits.argmax(dim=-1), batch["labels"]))
+        accuracy.add_batch(predictions=np.asarray(predictions.cpu()), references=np.asarray(references.cpu()))
+    return accuracy.compute()
+
+
+if __name__ == "__main__":
+    main()
