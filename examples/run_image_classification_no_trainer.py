@@ -83,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--num_warmup_steps", type=int, default=0)
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--cpu", action="store_true", help="run on CPU even where an accelerator is available")
     train.add_argument("--checkpointing_steps", help="save the training state every N steps, or 'epoch'")
     train.add_argument("--resume_from_checkpoint", help="a checkpoint folder written by --checkpointing_steps")
     train.add_argument("--with_tracking", action="store_true", help="log metrics with accelerate's trackers")
@@ -126,6 +127,7 @@ def main(argv=None) -> dict:
     """Train and evaluate; returns the final metrics (on the main process)."""
     args = parse_args(argv)
     accelerator = Accelerator(
+        cpu=args.cpu or not torch.accelerator.is_available(),  # several CPU processes (torchrun) run as MULTI_CPU
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=args.report_to if args.with_tracking else None,
