@@ -23,13 +23,15 @@ def run(*args):
     return convert.main([str(arg) for arg in args])
 
 
+def fixture_args(case, output):
+    """Converter arguments for a reference fixture."""
+    return ["--config", FIXTURES / f"{case}.yaml", "--checkpoint", FIXTURES / f"{case}.pth", "--output-dir", output]
+
+
 @pytest.mark.parametrize("case", PARITY_CASES)
 def test_fixtures_convert_end_to_end(tmp_path, case):
     output = tmp_path / case
-    assert (
-        run("--config", FIXTURES / f"{case}.yaml", "--checkpoint", FIXTURES / f"{case}.pth", "--output-dir", output)
-        == 0
-    )
+    assert run(*fixture_args(case, output)) == 0
     assert sorted(p.name for p in output.iterdir()) == [
         "README.md",
         "config.json",
@@ -75,17 +77,8 @@ def test_bad_input_writes_nothing(tmp_path, capsys):
     )
     assert "not a readable PyTorch checkpoint" in capsys.readouterr().err
     # a checkpoint of another architecture: missing, unexpected and mis-shaped keys are named
-    assert (
-        run(
-            "--config",
-            FIXTURES / "v1_fc_224.yaml",
-            "--checkpoint",
-            FIXTURES / "v1_useconv_224.pth",
-            "--output-dir",
-            output,
-        )
-        == 1
-    )
+    mismatched = ["--config", FIXTURES / "v1_fc_224.yaml", "--checkpoint", FIXTURES / "v1_useconv_224.pth"]
+    assert run(*mismatched, "--output-dir", output) == 1
     assert "does not match the config" in capsys.readouterr().err
     assert run("--model-name", "focal-tiny", "--checkpoint", tmp_path / "missing.pth", "--output-dir", output) == 1
     assert "does not exist" in capsys.readouterr().err
@@ -105,14 +98,7 @@ def test_offline_download_failure_is_one_clear_message(tmp_path, capsys, monkeyp
 
 
 def test_existing_output_needs_force(tmp_path, capsys):
-    args = [
-        "--config",
-        FIXTURES / "v1_fc_224.yaml",
-        "--checkpoint",
-        FIXTURES / "v1_fc_224.pth",
-        "--output-dir",
-        tmp_path / "out",
-    ]
+    args = fixture_args("v1_fc_224", tmp_path / "out")
     assert run(*args) == 0
     (tmp_path / "out" / "mine.txt").write_text("keep me")
     assert run(*args) == 1 and "--force" in capsys.readouterr().err
@@ -138,12 +124,7 @@ def test_push_to_hub_sends_the_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     assert (
         run(
-            "--config",
-            FIXTURES / "v1_fc_224.yaml",
-            "--checkpoint",
-            FIXTURES / "v1_fc_224.pth",
-            "--output-dir",
-            tmp_path / "out",
+            *fixture_args("v1_fc_224", tmp_path / "out"),
             "--push-to-hub",
             "you/focal",
             "--private",
@@ -170,12 +151,7 @@ def test_remote_code_loads_without_focal_hf(tmp_path):
     output = tmp_path / "remote"
     assert (
         run(
-            "--config",
-            FIXTURES / "v2_useconv_224.yaml",
-            "--checkpoint",
-            FIXTURES / "v2_useconv_224.pth",
-            "--output-dir",
-            output,
+            *fixture_args("v2_useconv_224", output),
             "--remote-code",
         )
         == 0
