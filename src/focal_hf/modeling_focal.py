@@ -981,12 +981,17 @@ class FocalForImageClassification(FocalPreTrainedModel):
     """
 )
 class FocalBackbone(BackboneMixin, FocalPreTrainedModel):
-    _keys_to_ignore_on_load_missing = [r"focal\.layernorm\.", r"hidden_states_norms\."]
+    _keys_to_ignore_on_load_missing = [r"hidden_states_norms\."]
+    # a classification folder's head and final norm have no place here
+    _keys_to_ignore_on_load_unexpected = [r"classifier\.", r"focal\.layernorm\."]
 
     def __init__(self, config: FocalConfig):
         super().__init__(config)
         self.num_features = [config.embed_dim] + [config.embed_dim * 2**i for i in range(len(config.depths))]
         self.focal = FocalModel(config, add_pooling_layer=False)
+        # the per-stage norms replace the final one; an unused trainable norm would break DDP without
+        # find_unused_parameters
+        self.focal.layernorm = nn.Identity()
         self.hidden_states_norms = nn.ModuleDict(
             {
                 stage: nn.LayerNorm(channels, eps=config.layer_norm_eps)
