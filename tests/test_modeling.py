@@ -329,7 +329,8 @@ def test_torch_compile_has_no_graph_breaks(attention_type):
 
 
 def test_layouts_follow_the_model_to_its_dtype_and_device():
-    model = make(FocalModel).to(torch.bfloat16)
-    layout = model.encoder.layers[0].blocks[0].attention.layout
+    model = make(FocalModel, use_shift=True, depths=[2, 1, 2, 1]).to(torch.bfloat16)
+    layouts = [block.attention.layout for stage in model.encoder.layers for block in stage.blocks]
+    layout = next(layout for layout in layouts if layout.key_mask is not None)  # a shifted block's
     assert layout.key_mask.dtype == torch.bfloat16 and layout.key_index.dtype == torch.long
     assert not any("layout" in name for name in model.state_dict())  # recomputed, never saved

@@ -113,7 +113,7 @@ def test_checkpoint_wrapped_or_raw_and_buffers_recomputed():
     for stage in range(4):
         geometry = config.block_geometry(stage, 0)
         height, width = config.stage_grid(stage)
-        key_index = focal_fast_key_layout(height, width, geometry.window_size, 2, 128)[0]
+        key_index = focal_fast_key_layout(height, width, geometry.window_size, 2, 128)["key_index"]
         saved = [raw[f"layers.{stage}.blocks.0.attn.topk_cloest_indice_{level}"] for level in range(2)]
         saved[1] = saved[1] + height * width  # pooled tokens follow the fine-grained map in our key source
         torch.testing.assert_close(key_index, torch.cat(saved, dim=1), rtol=0, atol=0)

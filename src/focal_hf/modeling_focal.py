@@ -33,10 +33,19 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_focal import FocalBlockGeometry, FocalConfig, pooled_window_size
 
-# The official code masks with -100 (not -inf): padded pooled windows and shifted-window boundaries.
+# The official code masks with -100 (not -inf): across shifted-window regions and on pooled tokens outside the map.
 MASK_VALUE = -100.0
-# On CPU, attention gathers keys for at most this many bytes at a time (below glibc's largest mmap threshold).
+# Without autograd on CPU, attention and MLP process at most this many bytes of activations at a time (below
+# glibc's largest mmap threshold, so the buffers are recycled rather than freshly paged in on every call).
 CPU_CHUNK_BYTES = 16 * 2**20
+# Keys per window are padded (with masked keys) to a multiple of this: attention kernels then run without vector tails.
+KEY_ALIGNMENT = 16
+
+
+def chunks_recycle_memory(hidden_states: torch.Tensor) -> bool:
+    """Whether to process `hidden_states` a bounded piece at a time (`CPU_CHUNK_BYTES`): on CPU without autograd.
+    With autograd the pieces' buffers are kept for the backward pass, so nothing would be recycled."""
+    return hidden_states.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
@@ -152,34 +161,41 @@ class FocalKeyLayout(nn.Module):
     the model (`.to(device)`) and `torch.compile` sees constants. Each attention holds the layout of the configured
     image size; other sizes come from `cached_key_layout`.
 
-    key_index (`(num_windows, num_keys)`): index into the key source, the concatenation of the padded
-        fine-grained map (`padded_height * padded_width` tokens), each pooled map, and one all-zero token.
-    key_mask (`(num_windows, 1 or window_size**2, num_keys)`, focal attention): additive mask, -100 on pooled
-        positions outside the map and across shifted-window regions; `None` where nothing is masked.
-    distinct_coords_{level} (focal-fast attention): the distinct query-to-key relative coordinates `(num_distinct, 2)`
-        of each focal level, and coord_index (`(num_windows, window_size**2, num_keys)`): for every (window, query,
-        key), which of them applies, counting through the levels in order.
+    key_index (`(num_windows, num_keys)`): index into the key source, the padded fine-grained map
+        (`padded_height * padded_width` tokens) followed by each pooled map. `num_keys` is padded to a multiple of
+        `KEY_ALIGNMENT` with token 0, which the attention bias masks out (`num_padding_keys`).
+    The other buffers say how to build each key's bias; they depend on the attention (see its layout builder).
     """
 
     def __init__(self, builder: Callable, *args):
         super().__init__()
         self.builder, self.args = builder, args
         with torch.device("cpu"):  # real tensors even when the model is built on the meta device
-            tensors = builder(*args)
-        levels = range(len(tensors) - 3)
-        self.names = ["key_index", "key_mask", "coord_index"] + [f"distinct_coords_{level}" for level in levels]
-        for name, tensor in zip(self.names, tensors):
+            tensors = self._build()
+        self.num_padding_keys = tensors["key_index"].shape[1] - builder(*args)["key_index"].shape[1]
+        self.names = [name for name, tensor in tensors.items() if tensor is not None]
+        for name, tensor in tensors.items():
             self.register_buffer(name, tensor, persistent=False)
+
+    def _build(self) -> dict[str, torch.Tensor | None]:
+        tensors = dict(self.builder(*self.args))
+        key_index = tensors["key_index"]
+        tensors["key_index"] = F.pad(key_index, (0, -key_index.shape[1] % KEY_ALIGNMENT))
+        return tensors
 
     @property
     def distinct_coords(self) -> list[torch.Tensor]:
-        return [getattr(self, name) for name in self.names[3:]]
+        return [getattr(self, name) for name in self.names if name.startswith("distinct_coords_")]
+
+    def pad_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """`bias` `(..., num_real_keys)` with the padding keys masked out: `(..., num_keys)`."""
+        return F.pad(bias, (0, self.num_padding_keys), value=float("-inf")) if self.num_padding_keys else bias
 
     def reset(self) -> None:
         """Recompute the buffers (`from_pretrained` builds models on the meta device)."""
-        for name, tensor in zip(self.names, self.builder(*self.args)):
-            if tensor is not None:
-                init.copy_(getattr(self, name), tensor)
+        tensors = self._build()
+        for name in self.names:
+            init.copy_(getattr(self, name), tensors[name])
 
 
 @functools.lru_cache(maxsize=256)
@@ -188,47 +204,85 @@ def cached_key_layout(builder: Callable, args: tuple, device: torch.device) -> F
     return FocalKeyLayout(builder, *args).to(device)
 
 
+def merge_duplicate_offsets(offsets: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offsets `(n, 2)` that reach the same token of a `height x width` map once `torch.roll` wraps them around,
+    grouped: the distinct offsets `(d, 2)` and, for each, the indices `(d, m)` of the offsets it stands for (`n` pads
+    groups smaller than the largest)."""
+    codes = (offsets[:, 0] % height) * width + offsets[:, 1] % width
+    _, group = torch.unique(codes, return_inverse=True)
+    counts = torch.bincount(group)
+    members = torch.full((len(counts), int(counts.max())), len(offsets))
+    order = torch.argsort(group, stable=True)
+    members[group[order], torch.arange(len(order)) - (counts.cumsum(0) - counts)[group[order]]] = order
+    return offsets[members[:, 0]], members
+
+
 @functools.lru_cache(maxsize=256)
-def focal_key_layout(height: int, width: int, geometry: FocalBlockGeometry):
+def focal_key_layout(height: int, width: int, geometry: FocalBlockGeometry) -> dict[str, torch.Tensor | None]:
     """`FocalKeyLayout` tensors of a focal-attention block with `geometry` on a `height x width` map (padded to whole
-    windows): key index, key mask (or `None`), no coordinates. Cached: blocks of one geometry share them."""
+    windows). Cached: blocks of one geometry share them.
+
+    The official keys of a window, its "slots", are its own tokens, then its surrounding tokens (the parts of four
+    diagonally shifted windows outside it, `torch.roll` wrapping around) and a neighbourhood of tokens on each pooled
+    map (zero tokens masked with -100 outside the map). We attend the same thing with fewer keys:
+    - a surrounding token that two shifted windows both reach is one key whose bias is the log-sum-exp of the two
+      slots' biases (`exp(s + a) + exp(s + b) = exp(s + log(exp(a) + exp(b)))`);
+    - pooled slots outside the map are dropped (the official weight of a masked zero token, `exp(-100)` relative,
+      is below float precision); each window keeps its valid ones in official order, padded with masked keys to
+      the largest count.
+
+    key_index (`(num_windows, num_keys)`): the window's own tokens, the distinct surrounding tokens, its pooled tokens.
+    fine_slots (`(num_own + num_distinct, m)`): the fine slots (own, then surrounding) each fine key stands for;
+        `num_fine_slots` pads.
+    pooled_slots (`(num_windows, num_pooled)`): the pooled slot (over all levels, official order) of each pooled key;
+        `num_pooled_slots` for padding.
+    key_mask (`(num_windows, window_size**2, num_keys)`): the shifted-window mask (-100 across regions) on the own
+        tokens, or `None` without shift.
+    """
     window_size = geometry.window_size
+    window_area = window_size * window_size
     grid_h, grid_w = -(-height // window_size), -(-width // window_size)
     height, width = grid_h * window_size, grid_w * window_size
     window_rows, window_cols = _grid(grid_h, grid_w)  # position of each window on the window grid
 
-    # fine level: the window's own tokens, then (official order) the surrounding ones; torch.roll wraps around
-    offsets = _grid(window_size, window_size).T
+    # fine level: own tokens (never merged: they carry the shift mask), then the distinct surrounding ones
+    own = _grid(window_size, window_size).T
+    fine_offsets, fine_slots = own, torch.arange(window_area)[:, None]
     if geometry.has_neighbors:
-        offsets = torch.cat((offsets, neighbor_offsets(window_size, geometry.expand_size)))
-    token_rows = (window_rows[:, None] * window_size + offsets[None, :, 0]) % height
-    token_cols = (window_cols[:, None] * window_size + offsets[None, :, 1]) % width
-    indices = [token_rows * width + token_cols]
-    masks = [torch.zeros(indices[0].shape)]
+        offsets = neighbor_offsets(window_size, geometry.expand_size)
+        neighbors, members = merge_duplicate_offsets(offsets, height, width)
+        padding_slot = window_area + len(offsets)
+        members = torch.where(members < len(offsets), members + window_area, padding_slot)
+        fine_offsets = torch.cat((own, neighbors))
+        fine_slots = torch.cat((F.pad(fine_slots, (0, members.shape[1] - 1), value=padding_slot), members))
+    token_rows = (window_rows[:, None] * window_size + fine_offsets[None, :, 0]) % height
+    token_cols = (window_cols[:, None] * window_size + fine_offsets[None, :, 1]) % width
+    fine_index = token_rows * width + token_cols
 
-    # pooled levels: a neighbourhood around the window on each pooled map, zero-padded at the border
-    num_pooled_tokens = [(grid_h * 2**level) * (grid_w * 2**level) for level in range(geometry.num_pooled_levels)]
-    zero_token = height * width + sum(num_pooled_tokens)
+    # pooled levels: a neighbourhood around the window on each pooled map; keep the valid tokens, in official order
+    pooled_index, pooled_valid = [], []
     start = height * width
     for level in range(geometry.num_pooled_levels):
         stride, map_h, map_w = 2**level, grid_h * 2**level, grid_w * 2**level
         _, pooled_offsets = pooled_neighborhood(geometry.focal_window, level)
         pooled_rows = window_rows[:, None] * stride + pooled_offsets[None, :, 0]
         pooled_cols = window_cols[:, None] * stride + pooled_offsets[None, :, 1]
-        valid = (pooled_rows >= 0) & (pooled_rows < map_h) & (pooled_cols >= 0) & (pooled_cols < map_w)
-        index = start + pooled_rows.clamp(0, map_h - 1) * map_w + pooled_cols.clamp(0, map_w - 1)
-        indices.append(torch.where(valid, index, zero_token))
-        masks.append((~valid).float() * MASK_VALUE)
-        start += num_pooled_tokens[level]
+        pooled_valid.append((pooled_rows >= 0) & (pooled_rows < map_h) & (pooled_cols >= 0) & (pooled_cols < map_w))
+        pooled_index.append(start + pooled_rows.clamp(0, map_h - 1) * map_w + pooled_cols.clamp(0, map_w - 1))
+        start += map_h * map_w
+    pooled_index = torch.cat(pooled_index, dim=1) if pooled_index else fine_index[:, :0]
+    valid = torch.cat(pooled_valid, dim=1) if pooled_valid else pooled_index.bool()
+    num_pooled = int(valid.sum(1).max())
+    order = torch.argsort((~valid).byte(), dim=1, stable=True)[:, :num_pooled]  # valid slots first
+    kept = valid.gather(1, order)
+    pooled_slots = torch.where(kept, order, valid.shape[1])
+    key_index = torch.cat((fine_index, torch.where(kept, pooled_index.gather(1, order), 0)), dim=1)
 
-    key_index = torch.cat(indices, dim=1)
-    key_mask = torch.cat(masks, dim=1)[:, None, :]  # num_windows, 1, num_keys
+    key_mask = None
     if geometry.shift_size > 0:
-        window_area = window_size * window_size
-        shift_mask = shift_window_mask(height, width, window_size, geometry.shift_size)
-        key_mask = key_mask.expand(-1, window_area, -1).clone()
-        key_mask[:, :, :window_area] += shift_mask
-    return key_index, key_mask if bool((key_mask != 0).any()) else None, None
+        key_mask = torch.zeros(len(window_rows), window_area, key_index.shape[1])
+        key_mask[:, :, :window_area] = shift_window_mask(height, width, window_size, geometry.shift_size)
+    return {"key_index": key_index, "key_mask": key_mask, "fine_slots": fine_slots, "pooled_slots": pooled_slots}
 
 
 def nearest_tokens(queries: torch.Tensor, keys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,9 +296,13 @@ def nearest_tokens(queries: torch.Tensor, keys: torch.Tensor, topk: int) -> tupl
 
 
 @functools.lru_cache(maxsize=256)
-def focal_fast_key_layout(height: int, width: int, window_size: int, focal_level: int, topk: int):
-    """`FocalKeyLayout` tensors of a Focal-fast block on a `height x width` map (padded to whole windows): key
-    index, no mask, coordinate index, the distinct coordinates of each level.
+def focal_fast_key_layout(
+    height: int, width: int, window_size: int, focal_level: int, topk: int
+) -> dict[str, torch.Tensor]:
+    """`FocalKeyLayout` tensors of a Focal-fast block on a `height x width` map (padded to whole windows): key_index
+    `(num_windows, num_keys)`, coord_index `(num_windows, window_size**2, num_keys)` (which distinct query-to-key
+    coordinate applies to each (window, query, key), counting through the levels in order) and
+    `distinct_coords_{level}` `(num_distinct, 2)`.
 
     Level 0: the `topk` tokens of the map nearest to each window's centre. Level `l` >= 1: the `topk` windows
     nearest to the window on the window grid, read from pooled map `l` as the official code does (for `l` >= 2 it
@@ -274,7 +332,8 @@ def focal_fast_key_layout(height: int, width: int, window_size: int, focal_level
         )
         coord_indices.append(which + sum(len(distinct) for distinct in distinct_coords))
         distinct_coords.append(torch.stack((codes // span - span // 2, codes % span - span // 2), dim=-1).float())
-    return torch.cat(indices, dim=1), None, torch.cat(coord_indices, dim=-1), *distinct_coords
+    tensors = {"key_index": torch.cat(indices, dim=1), "coord_index": torch.cat(coord_indices, dim=-1)}
+    return tensors | {f"distinct_coords_{level}": coords for level, coords in enumerate(distinct_coords)}
 
 
 # -------------------------------------------------------------------------------------------------- modules
@@ -413,25 +472,29 @@ class FocalWindowPooling(nn.Module):
         return before, difference - before
 
     def pool_level(self, hidden_states: torch.Tensor, level: int) -> torch.Tensor:
-        """`(batch_size, channels, height, width)` -> `(batch_size, channels, grid_h * 2**level, grid_w * 2**level)`."""
+        """`(batch_size, height, width, channels)` -> `(batch_size, grid_h * 2**level, grid_w * 2**level, channels)`."""
         size = pooled_window_size(self.window_size, level)
-        channels, height, width = hidden_states.shape[1:]
+        batch_size, height, width, channels = hidden_states.shape
         target_h = height // self.window_size * 2**level * size
         target_w = width // self.window_size * 2**level * size
-        hidden_states = F.pad(hidden_states, (*self._center_fit(width, target_w), *self._center_fit(height, target_h)))
+        if (target_h, target_w) != (height, width):
+            padding = (0, 0, *self._center_fit(width, target_w), *self._center_fit(height, target_h))
+            hidden_states = F.pad(hidden_states, padding)
+        if self.pool_method == "fc":  # a weighted sum of each sub-window's tokens
+            layer = self.pool_layers[level]
+            sub_windows = hidden_states.view(batch_size, target_h // size, size, target_w // size, size, channels)
+            return torch.einsum("bhiwjc,ij->bhwc", sub_windows, layer.weight.view(size, size)) + layer.bias
+        channels_first = hidden_states.permute(0, 3, 1, 2)
         if self.pool_method == "mean":
-            return F.avg_pool2d(hidden_states, size)
-        if self.pool_method == "max":
-            return F.max_pool2d(hidden_states, size)
-        layer = self.pool_layers[level]
-        if self.pool_method == "conv":
-            return layer(hidden_states)
-        weight = layer.weight.view(1, 1, size, size).expand(channels, 1, size, size)
-        return F.conv2d(hidden_states, weight, layer.bias.expand(channels), stride=size, groups=channels)
+            pooled = F.avg_pool2d(channels_first, size)
+        elif self.pool_method == "max":
+            pooled = F.max_pool2d(channels_first, size)
+        else:
+            pooled = self.pool_layers[level](channels_first)
+        return pooled.permute(0, 2, 3, 1)
 
     def forward(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
-        channels_first = hidden_states.permute(0, 3, 1, 2)
-        return [self.pool_level(channels_first, level).permute(0, 2, 3, 1) for level in range(self.num_levels)]
+        return [self.pool_level(hidden_states, level) for level in range(self.num_levels)]
 
 
 class FocalAttentionBase(nn.Module):
@@ -460,6 +523,7 @@ class FocalAttentionBase(nn.Module):
         self.layout_size = grid
         builder, args = self.layout_arguments(*grid)
         self.layout = FocalKeyLayout(builder, *args)
+        self._cached_bias = None
 
     def layout_arguments(self, height: int, width: int) -> tuple:
         """`(builder, args)` of the key layout on a `height x width` map."""
@@ -473,8 +537,18 @@ class FocalAttentionBase(nn.Module):
         return cached_key_layout(builder, args, device)
 
     def attention_bias(self, layout: FocalKeyLayout) -> torch.Tensor:
-        """Additive bias `(num_heads, num_windows or 1, window_size**2, num_keys)`."""
+        """Additive bias `(num_windows or 1, num_heads, window_size**2, num_keys)`, padding keys masked out."""
         raise NotImplementedError
+
+    def cached_attention_bias(self, layout: FocalKeyLayout, dtype: torch.dtype) -> torch.Tensor:
+        """`attention_bias(layout)` in `dtype`. It depends on the parameters only: without autograd (inference) the
+        last one is kept and reused until the layout or a parameter (its storage or in-place version) changes."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.attention_bias(layout).to(dtype)
+        key = (layout, dtype, *((parameter.data_ptr(), parameter._version) for parameter in self.parameters()))
+        if self._cached_bias is None or self._cached_bias[0] != key:
+            self._cached_bias = (key, self.attention_bias(layout).to(dtype))
+        return self._cached_bias[1]
 
     def forward(
         self,
@@ -485,72 +559,71 @@ class FocalAttentionBase(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, height, width, dim = hidden_states.shape
         window_size = self.geometry.window_size
-        window_area = window_size * window_size
-        layout = self.key_layout(*input_dimensions, hidden_states.device)
-        num_windows, num_keys = layout.key_index.shape
-
-        query, key_value = self.qkv(hidden_states).split((dim, 2 * dim), dim=-1)
-        # key/value source: fine tokens, pooled tokens (only their keys and values are needed), one zero token
-        sources = [key_value.reshape(batch_size, height * width, 2 * dim)]
-        kv_weight, kv_bias = self.qkv.weight[dim:], None if self.qkv.bias is None else self.qkv.bias[dim:]
-        sources += [F.linear(pooled.flatten(1, 2), kv_weight, kv_bias) for pooled in pooled_states]
-        if pooled_states:
-            sources.append(key_value.new_zeros(batch_size, 1, 2 * dim))
-        key_value = torch.cat(sources, dim=1) if len(sources) > 1 else sources[0]
-
-        # (window, head) pairs become attention "heads", head-major: (batch, num_heads * num_windows, tokens, head_dim)
-        key_value = key_value.view(batch_size, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).contiguous()
         grid_h, grid_w = height // window_size, width // window_size
-        query = query.view(batch_size, grid_h, window_size, grid_w, window_size, self.num_heads, self.head_dim)
-        query = query.permute(0, 5, 1, 3, 2, 4, 6).reshape(batch_size, -1, window_area, self.head_dim)
+        layout = self.key_layout(*input_dimensions, hidden_states.device)
 
-        bias = self.attention_bias(layout).to(query.dtype)  # num_heads, num_windows or 1, window_area, num_keys
-        bias = bias.expand(-1, num_windows, -1, -1).reshape(1, -1, window_area, num_keys)
+        # queries of the fine tokens, window by window: (batch_size * num_windows, num_heads, window_size**2, head_dim)
+        weights = self.qkv.weight.chunk(3)
+        biases = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None, None, None)
+        windows = hidden_states.view(batch_size, grid_h, window_size, grid_w, window_size, dim).transpose(2, 3)
+        query = F.linear(windows.reshape(-1, window_size * window_size, dim), weights[0], biases[0])
+        query = query.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        # keys and values of the fine and pooled tokens, (batch_size, num_source_tokens, dim): each window gathers its
+        # own in `attend`
+        sources = [hidden_states.reshape(batch_size, height * width, dim)]
+        sources += [pooled.flatten(1, 2) for pooled in pooled_states]
+        source = torch.cat(sources, dim=1) if len(sources) > 1 else sources[0]
+        key, value = F.linear(source, weights[1], biases[1]), F.linear(source, weights[2], biases[2])
+        bias = self.cached_attention_bias(layout, query.dtype)
 
-        # On CPU, the gathered keys of a few images at a time: small buffers are recycled by the allocator, where one
-        # large buffer per call costs fresh pages (several times the gather itself).
-        chunk = batch_size
-        if hidden_states.device.type == "cpu":
-            image_bytes = 2 * query.shape[1] * num_keys * self.head_dim * query.element_size()
+        if chunks_recycle_memory(hidden_states):  # a few images at a time
+            image_bytes = 2 * layout.key_index.numel() * dim * query.element_size()
             chunk = max(1, CPU_CHUNK_BYTES // image_bytes)
-        outputs = [
-            self.attend(query[start : start + chunk], key_value[:, start : start + chunk], bias, layout, **kwargs)
-            for start in range(0, batch_size, chunk)
-        ]
-        attn_output = torch.cat([output for output, _ in outputs]) if len(outputs) > 1 else outputs[0][0]
-        attn_weights = None
-        if outputs[0][1] is not None:  # -> (batch * num_windows, num_heads, window_area, num_keys)
-            attn_weights = torch.cat([weights for _, weights in outputs])
-            attn_weights = attn_weights.view(batch_size, self.num_heads, num_windows, window_area, num_keys)
-            attn_weights = attn_weights.transpose(1, 2).reshape(-1, self.num_heads, window_area, num_keys)
+            num_windows = grid_h * grid_w
+            chunks = zip(query.split(chunk * num_windows), key.split(chunk), value.split(chunk))
+            outputs = [self.attend(*chunk, bias, layout, **kwargs) for chunk in chunks]
+            attn_output = torch.cat([output for output, _ in outputs])
+            attn_weights = torch.cat([weights for _, weights in outputs]) if outputs[0][1] is not None else None
+        else:
+            attn_output, attn_weights = self.attend(query, key, value, bias, layout, **kwargs)
 
-        # (batch, window_area, num_heads * num_windows, head_dim) -> (batch, height, width, dim): windows reversed
-        attn_output = attn_output.view(batch_size, window_size, window_size, self.num_heads, grid_h, grid_w, -1)
-        attn_output = attn_output.permute(0, 4, 1, 5, 2, 3, 6).reshape(batch_size, height, width, dim)
+        # (batch_size * num_windows, window_size**2, num_heads, head_dim) -> (batch_size, height, width, dim)
+        attn_output = attn_output.view(batch_size, grid_h, grid_w, window_size, window_size, dim)
+        attn_output = attn_output.transpose(2, 3).reshape(batch_size, height, width, dim)
         return self.proj_dropout(self.proj(attn_output)), attn_weights
 
     def attend(
         self,
         query: torch.Tensor,
-        key_value: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
         bias: torch.Tensor,
         layout: FocalKeyLayout,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Gather each window's keys and values from the source `(2, batch, num_heads, num_source_tokens, head_dim)`
-        and attend: `(batch, window_area, num_heads * num_windows, head_dim)` and the weights if eager."""
-        batch_size, _, window_area, _ = query.shape
+        """Gather each window's keys and values from their sources `(batch, num_source_tokens, dim)` and attend with
+        `query` `(batch * num_windows, num_heads, window_size**2, head_dim)`: the output
+        `(batch * num_windows, window_size**2, num_heads, head_dim)` and, if eager, the weights
+        `(batch * num_windows, num_heads, window_size**2, num_keys)`."""
+        batch_size = key.shape[0]
         num_keys = layout.key_index.shape[1]
-        key_value = key_value.index_select(3, layout.key_index.flatten())  # each window's keys, in layout order
-        key_value = key_value.view(2, batch_size, -1, num_keys, self.head_dim)
+
+        def gather(source: torch.Tensor) -> torch.Tensor:  # -> (batch * num_windows, num_heads, num_keys, head_dim)
+            keys = source.index_select(1, layout.key_index.flatten())  # each window's keys, in layout order
+            return keys.view(-1, num_keys, self.num_heads, self.head_dim).transpose(1, 2)
+
+        if bias.shape[0] == 1:  # the same for every window
+            bias = bias.expand(query.shape[0], -1, -1, -1)
+        elif batch_size > 1:
+            bias = bias.repeat(batch_size, 1, 1, 1)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
         return attention_interface(
             self,
             query,
-            key_value[0],
-            key_value[1],
+            gather(key),
+            gather(value),
             bias,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
@@ -605,19 +678,27 @@ class FocalSelfAttention(FocalAttentionBase):
         return focal_key_layout, (height, width, self.geometry)
 
     def attention_bias(self, layout: FocalKeyLayout) -> torch.Tensor:
-        """Position bias in the key order of `focal_key_layout`, plus its mask."""
+        """Position bias in the key order of `focal_key_layout`, its mask added:
+        `(num_windows or 1, num_heads, window_size**2, num_keys)`."""
         window_area = self.geometry.window_size**2
         table = self.relative_position_bias_table[self.relative_position_index]
-        biases = [table.view(window_area, window_area, -1).permute(2, 0, 1)]
+        fine = [table.view(window_area, window_area, -1).permute(2, 0, 1)]  # num_heads, window_area, slots
         if self.relative_position_bias_table_to_neighbors is not None:
-            biases.append(self.relative_position_bias_table_to_neighbors[0])
-        for level, table in enumerate(self.relative_position_bias_table_to_windows):
-            index = getattr(self, f"relative_position_index_to_windows_{level}")
-            biases.append(table[:, index].view(self.num_heads, window_area, -1))
-        bias = torch.cat(biases, dim=-1)[:, None]  # num_heads, 1, window_area, num_keys
+            fine.append(self.relative_position_bias_table_to_neighbors[0])
+        fine = F.pad(torch.cat(fine, dim=-1), (0, 1), value=float("-inf"))[:, :, layout.fine_slots]
+        bias = (fine.logsumexp(-1) if fine.shape[-1] > 1 else fine[..., 0])[None]  # merged duplicates
+        if layout.pooled_slots.shape[1]:
+            pooled = [
+                table[:, getattr(self, f"relative_position_index_to_windows_{level}")]
+                for level, table in enumerate(self.relative_position_bias_table_to_windows)
+            ]
+            pooled = [table.view(self.num_heads, window_area, -1) for table in pooled]
+            pooled = F.pad(torch.cat(pooled, dim=-1), (0, 1), value=float("-inf"))[:, :, layout.pooled_slots]
+            num_windows = layout.pooled_slots.shape[0]
+            bias = torch.cat((bias.expand(num_windows, -1, -1, -1), pooled.permute(2, 0, 1, 3)), dim=-1)
         if layout.key_mask is not None:
-            bias = bias + layout.key_mask.to(bias.dtype)
-        return bias
+            bias = bias + layout.key_mask[:, None].to(bias.dtype)
+        return layout.pad_bias(bias)
 
 
 class FocalFastSelfAttention(FocalAttentionBase):
@@ -639,12 +720,12 @@ class FocalFastSelfAttention(FocalAttentionBase):
         return focal_fast_key_layout, args
 
     def attention_bias(self, layout: FocalKeyLayout) -> torch.Tensor:
-        """MLP position bias of every (window, query, key), `(num_heads, num_windows, window_size**2, num_keys)`."""
+        """MLP position bias of every (window, query, key), `(num_windows, num_heads, window_size**2, num_keys)`."""
         tables = [
             mlp(distinct.to(mlp[0].weight.dtype))  # num_distinct, num_heads
             for mlp, distinct in zip(self.relative_position_mlps, layout.distinct_coords)
         ]
-        return torch.cat(tables).t()[:, layout.coord_index]
+        return layout.pad_bias(torch.cat(tables).t()[:, layout.coord_index].transpose(0, 1))
 
 
 FOCAL_ATTENTION_CLASSES = {"focal": FocalSelfAttention, "focal_fast": FocalFastSelfAttention}
@@ -721,11 +802,22 @@ class FocalLayer(GradientCheckpointingLayer):
             attention_output = self.layer_scale_1 * attention_output
         hidden_states = shortcut + self.drop_path(attention_output)
 
-        mlp_output = self.mlp(self.layernorm_after(hidden_states))
+        mlp_output = self.feed_forward(hidden_states)
         if self.layer_scale_2 is not None:
             mlp_output = self.layer_scale_2 * mlp_output
         hidden_states = hidden_states + self.drop_path(mlp_output)
         return hidden_states, attn_weights
+
+    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """LayerNorm and MLP, token-wise: `(batch_size, tokens, dim)` -> same shape. On CPU a bounded number of tokens
+        at a time: the MLP's 4x wider activations then stay in recycled (and cached) memory, where one large buffer
+        costs fresh pages (twice the time at the first stage of Focal-T, batch 8)."""
+        if not chunks_recycle_memory(hidden_states):
+            return self.mlp(self.layernorm_after(hidden_states))
+        tokens = hidden_states.flatten(0, 1)
+        rows = max(1, CPU_CHUNK_BYTES // (self.mlp.fc1.out_features * hidden_states.element_size()))
+        outputs = [self.mlp(self.layernorm_after(chunk)) for chunk in tokens.split(rows)]
+        return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]).view(hidden_states.shape)
 
 
 class FocalStage(nn.Module):
