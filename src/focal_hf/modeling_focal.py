@@ -37,7 +37,7 @@ from .configuration_focal import FocalBlockGeometry, FocalConfig, pooled_window_
 MASK_VALUE = -100.0
 # Without autograd on CPU, attention and MLP process at most this many bytes of activations at a time (below
 # glibc's largest mmap threshold, so the buffers are recycled rather than freshly paged in on every call).
-CPU_CHUNK_BYTES = 16 * 2**20
+CPU_CHUNK_BYTES = 4 * 2**20
 # Keys per window are padded (with masked keys) to a multiple of this: attention kernels then run without vector tails.
 KEY_ALIGNMENT = 16
 
@@ -442,6 +442,73 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def gather_keys(source: torch.Tensor, key_index: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Each window's keys (or values) from `source` `(..., num_source_tokens, dim)` in `key_index` order:
+    `(batch * num_windows, num_heads, num_keys, head_dim)`."""
+    keys = source.index_select(-2, key_index.flatten())
+    return keys.view(-1, key_index.shape[1], num_heads, source.shape[-1] // num_heads).transpose(1, 2)
+
+
+class CPUGatheredAttention(torch.autograd.Function):
+    """SDPA over gathered keys on CPU, one image at a time. The forward pass runs the fused (flash) kernel; the
+    backward pass recomputes each image's gathered keys and attention matrix rather than storing them, and also
+    differentiates the bias. (The CPU kernel gives no bias gradient, so autograd would run the unfused math path
+    and keep every image's attention matrix and gathered keys: 1.4x Swin-T's training memory for Focal-T.)
+
+    query `(batch * num_windows, num_heads, queries, head_dim)`, key/value sources `(batch, num_source_tokens, dim)`,
+    bias `(num_windows or 1, num_heads, queries, num_keys)`, key_index `(num_windows, num_keys)` -> output as query.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key_source, value_source, bias, key_index, scaling):
+        num_heads = query.shape[1]
+        outputs, logsumexps = [], []
+        for image_query, image_keys, image_values in zip(query.chunk(len(key_source)), key_source, value_source):
+            output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                image_query,
+                gather_keys(image_keys, key_index, num_heads),
+                gather_keys(image_values, key_index, num_heads),
+                attn_mask=bias.expand(image_query.shape[0], -1, -1, -1),
+                scale=scaling,
+            )
+            outputs.append(output)
+            logsumexps.append(logsumexp)
+        output = torch.cat(outputs)
+        ctx.save_for_backward(query, key_source, value_source, bias, key_index, output, torch.cat(logsumexps))
+        ctx.scaling = scaling
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key_source, value_source, bias, key_index, output, logsumexp = ctx.saved_tensors
+        num_heads, scaling = query.shape[1], ctx.scaling
+        compute_dtype = torch.promote_types(query.dtype, torch.float32)  # low precision: recompute in float32
+        grad_query = torch.empty_like(query)
+        grad_keys, grad_values = torch.zeros_like(key_source), torch.zeros_like(value_source)
+        grad_bias = torch.zeros_like(bias, dtype=compute_dtype)
+        flat_index = key_index.flatten()
+        for image in range(len(key_source)):
+            rows = slice(image * key_index.shape[0], (image + 1) * key_index.shape[0])
+            image_query, image_output, image_grad = (
+                tensor[rows].to(compute_dtype) for tensor in (query, output, grad_output)
+            )
+            keys = gather_keys(key_source[image], key_index, num_heads).to(compute_dtype)
+            values = gather_keys(value_source[image], key_index, num_heads).to(compute_dtype)
+            scores = torch.matmul(image_query, keys.transpose(-1, -2)).mul_(scaling).add_(bias)
+            probs = scores.sub_(logsumexp[rows].unsqueeze(-1)).exp_()  # the forward's softmax
+            grad_scores = torch.matmul(image_grad, values.transpose(-1, -2))
+            grad_scores.sub_((image_grad * image_output).sum(-1, keepdim=True)).mul_(probs)
+            grad_query[rows] = torch.matmul(grad_scores, keys).mul_(scaling)
+            grad_bias += grad_scores.sum(0, keepdim=True) if bias.shape[0] == 1 else grad_scores
+            for grad_source, grad in (
+                (grad_keys, torch.matmul(grad_scores.transpose(-1, -2), image_query).mul_(scaling)),
+                (grad_values, torch.matmul(probs.transpose(-1, -2), image_grad)),
+            ):
+                grad = grad.transpose(1, 2).reshape(-1, grad_source.shape[-1]).to(grad_source.dtype)
+                grad_source[image].index_add_(0, flat_index, grad)
+        return grad_query, grad_keys, grad_values, grad_bias.to(bias.dtype), None, None
+
+
 class FocalWindowPooling(nn.Module):
     """Pools the (padded, shifted) map into one token per sub-window for each coarse focal level:
     `(batch_size, height, width, channels)` -> per level `(batch_size, grid_h * 2**level, grid_w * 2**level, channels)`.
@@ -576,19 +643,19 @@ class FocalAttentionBase(nn.Module):
         key, value = F.linear(source, weights[1], biases[1]), F.linear(source, weights[2], biases[2])
         bias = self.cached_attention_bias(layout, query.dtype)
 
-        if chunks_recycle_memory(hidden_states):  # a few images at a time
-            image_bytes = 2 * layout.key_index.numel() * dim * query.element_size()
-            chunk = max(1, CPU_CHUNK_BYTES // image_bytes)
-            num_windows = grid_h * grid_w
-            chunks = zip(query.split(chunk * num_windows), key.split(chunk), value.split(chunk))
-            outputs = [self.attend(*chunk, bias, layout, **kwargs) for chunk in chunks]
-            attn_output = torch.cat([output for output, _ in outputs])
-            attn_weights = torch.cat([weights for _, weights in outputs]) if outputs[0][1] is not None else None
+        uses_cpu_kernel = (
+            self.config._attn_implementation == "sdpa"
+            and query.device.type == "cpu"
+            and not (self.training and self.attention_dropout > 0)
+        )
+        if uses_cpu_kernel:
+            attn_output = CPUGatheredAttention.apply(query, key, value, bias, layout.key_index, self.scaling)
+            attn_output, attn_weights = attn_output.transpose(1, 2), None
         else:
             attn_output, attn_weights = self.attend(query, key, value, bias, layout, **kwargs)
 
         # (batch_size * num_windows, window_size**2, num_heads, head_dim) -> (batch_size, height, width, dim)
-        attn_output = attn_output.view(batch_size, grid_h, grid_w, window_size, window_size, dim)
+        attn_output = attn_output.reshape(batch_size, grid_h, grid_w, window_size, window_size, dim)
         attn_output = attn_output.transpose(2, 3).reshape(batch_size, height, width, dim)
         return self.proj_dropout(self.proj(attn_output)), attn_weights
 
@@ -602,28 +669,21 @@ class FocalAttentionBase(nn.Module):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gather each window's keys and values from their sources `(batch, num_source_tokens, dim)` and attend with
-        `query` `(batch * num_windows, num_heads, window_size**2, head_dim)`: the output
-        `(batch * num_windows, window_size**2, num_heads, head_dim)` and, if eager, the weights
-        `(batch * num_windows, num_heads, window_size**2, num_keys)`."""
-        batch_size = key.shape[0]
-        num_keys = layout.key_index.shape[1]
-
-        def gather(source: torch.Tensor) -> torch.Tensor:  # -> (batch * num_windows, num_heads, num_keys, head_dim)
-            keys = source.index_select(1, layout.key_index.flatten())  # each window's keys, in layout order
-            return keys.view(-1, num_keys, self.num_heads, self.head_dim).transpose(1, 2)
-
+        `query` `(batch * num_windows, num_heads, window_size**2, head_dim)` through the configured attention
+        function: the output `(batch * num_windows, window_size**2, num_heads, head_dim)` and, if eager, the
+        weights `(batch * num_windows, num_heads, window_size**2, num_keys)`."""
         if bias.shape[0] == 1:  # the same for every window
             bias = bias.expand(query.shape[0], -1, -1, -1)
-        elif batch_size > 1:
-            bias = bias.repeat(batch_size, 1, 1, 1)
+        elif key.shape[0] > 1:
+            bias = bias.repeat(key.shape[0], 1, 1, 1)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
         return attention_interface(
             self,
             query,
-            gather(key),
-            gather(value),
+            gather_keys(key, layout.key_index, self.num_heads),
+            gather_keys(value, layout.key_index, self.num_heads),
             bias,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
