@@ -442,11 +442,15 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def gather_keys(source: torch.Tensor, key_index: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Each window's keys (or values) from `source` `(..., num_source_tokens, dim)` in `key_index` order:
-    `(batch * num_windows, num_heads, num_keys, head_dim)`."""
-    keys = source.index_select(-2, key_index.flatten())
-    return keys.view(-1, key_index.shape[1], num_heads, source.shape[-1] // num_heads).transpose(1, 2)
+def gather_key_values(
+    key_value: torch.Tensor, key_index: torch.Tensor, num_heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each window's keys and values, in `key_index` order, from their source `(..., num_source_tokens, 2 * dim)`
+    (one gather of whole rows): two `(batch * num_windows, num_heads, num_keys, head_dim)` views."""
+    gathered = key_value.index_select(-2, key_index.flatten())
+    head_dim = key_value.shape[-1] // (2 * num_heads)
+    gathered = gathered.view(-1, key_index.shape[1], 2, num_heads, head_dim)
+    return gathered.permute(2, 0, 3, 1, 4).unbind(0)
 
 
 class CPUGatheredAttention(torch.autograd.Function):
@@ -455,58 +459,59 @@ class CPUGatheredAttention(torch.autograd.Function):
     differentiates the bias. (The CPU kernel gives no bias gradient, so autograd would run the unfused math path
     and keep every image's attention matrix and gathered keys: 1.4x Swin-T's training memory for Focal-T.)
 
-    query `(batch * num_windows, num_heads, queries, head_dim)`, key/value sources `(batch, num_source_tokens, dim)`,
-    bias `(num_windows or 1, num_heads, queries, num_keys)`, key_index `(num_windows, num_keys)` -> output as query.
+    query `(batch * num_windows, num_heads, queries, head_dim)`, key/value source `(batch, num_source_tokens,
+    2 * dim)`, bias `(num_windows or 1, num_heads, queries, num_keys)`, key_index `(num_windows, num_keys)` ->
+    `(batch * num_windows, queries, num_heads, head_dim)`.
     """
 
     @staticmethod
-    def forward(ctx, query, key_source, value_source, bias, key_index, scaling):
-        num_heads = query.shape[1]
-        outputs, logsumexps = [], []
-        for image_query, image_keys, image_values in zip(query.chunk(len(key_source)), key_source, value_source):
-            output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                image_query,
-                gather_keys(image_keys, key_index, num_heads),
-                gather_keys(image_values, key_index, num_heads),
-                attn_mask=bias.expand(image_query.shape[0], -1, -1, -1),
+    def forward(ctx, query, key_value, bias, key_index, scaling):
+        num_windows, (_, num_heads, num_queries, head_dim) = key_index.shape[0], query.shape
+        output = query.new_empty(query.shape[0], num_queries, num_heads, head_dim)
+        logsumexp = query.new_empty(query.shape[:3], dtype=torch.float32)
+        for image, image_key_value in enumerate(key_value):
+            rows = slice(image * num_windows, (image + 1) * num_windows)
+            image_output, logsumexp[rows] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query[rows],
+                *gather_key_values(image_key_value, key_index, num_heads),
+                attn_mask=bias.expand(num_windows, -1, -1, -1),
                 scale=scaling,
             )
-            outputs.append(output)
-            logsumexps.append(logsumexp)
-        output = torch.cat(outputs)
-        ctx.save_for_backward(query, key_source, value_source, bias, key_index, output, torch.cat(logsumexps))
+            output[rows] = image_output.transpose(1, 2)
+        ctx.save_for_backward(query, key_value, bias, key_index, output, logsumexp)
         ctx.scaling = scaling
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        query, key_source, value_source, bias, key_index, output, logsumexp = ctx.saved_tensors
+        query, key_value, bias, key_index, output, logsumexp = ctx.saved_tensors
+        num_windows, num_keys = key_index.shape
         num_heads, scaling = query.shape[1], ctx.scaling
         compute_dtype = torch.promote_types(query.dtype, torch.float32)  # low precision: recompute in float32
         grad_query = torch.empty_like(query)
-        grad_keys, grad_values = torch.zeros_like(key_source), torch.zeros_like(value_source)
+        grad_key_value = torch.zeros_like(key_value)
         grad_bias = torch.zeros_like(bias, dtype=compute_dtype)
-        flat_index = key_index.flatten()
-        for image in range(len(key_source)):
-            rows = slice(image * key_index.shape[0], (image + 1) * key_index.shape[0])
-            image_query, image_output, image_grad = (
-                tensor[rows].to(compute_dtype) for tensor in (query, output, grad_output)
+        grad_rows = key_value.new_empty(num_windows, num_keys, 2, num_heads, query.shape[-1])
+        for image in range(len(key_value)):
+            rows = slice(image * num_windows, (image + 1) * num_windows)
+            image_query = query[rows].to(compute_dtype)
+            image_output, image_grad = (
+                tensor[rows].transpose(1, 2).to(compute_dtype) for tensor in (output, grad_output)
             )
-            keys = gather_keys(key_source[image], key_index, num_heads).to(compute_dtype)
-            values = gather_keys(value_source[image], key_index, num_heads).to(compute_dtype)
+            keys, values = (
+                tensor.to(compute_dtype).contiguous()
+                for tensor in gather_key_values(key_value[image], key_index, num_heads)
+            )
             scores = torch.matmul(image_query, keys.transpose(-1, -2)).mul_(scaling).add_(bias)
             probs = scores.sub_(logsumexp[rows].unsqueeze(-1)).exp_()  # the forward's softmax
             grad_scores = torch.matmul(image_grad, values.transpose(-1, -2))
             grad_scores.sub_((image_grad * image_output).sum(-1, keepdim=True)).mul_(probs)
             grad_query[rows] = torch.matmul(grad_scores, keys).mul_(scaling)
             grad_bias += grad_scores.sum(0, keepdim=True) if bias.shape[0] == 1 else grad_scores
-            for grad_source, grad in (
-                (grad_keys, torch.matmul(grad_scores.transpose(-1, -2), image_query).mul_(scaling)),
-                (grad_values, torch.matmul(probs.transpose(-1, -2), image_grad)),
-            ):
-                grad = grad.transpose(1, 2).reshape(-1, grad_source.shape[-1]).to(grad_source.dtype)
-                grad_source[image].index_add_(0, flat_index, grad)
-        return grad_query, grad_keys, grad_values, grad_bias.to(bias.dtype), None, None
+            grad_rows[:, :, 0] = torch.matmul(grad_scores.transpose(-1, -2), image_query).mul_(scaling).transpose(1, 2)
+            grad_rows[:, :, 1] = torch.matmul(probs.transpose(-1, -2), image_grad).transpose(1, 2)
+            grad_key_value[image].index_add_(0, key_index.flatten(), grad_rows.view(num_windows * num_keys, -1))
+        return grad_query, grad_key_value, grad_bias.to(bias.dtype), None, None
 
 
 class FocalWindowPooling(nn.Module):
@@ -630,17 +635,16 @@ class FocalAttentionBase(nn.Module):
         layout = self.key_layout(*input_dimensions, hidden_states.device)
 
         # queries of the fine tokens, window by window: (batch_size * num_windows, num_heads, window_size**2, head_dim)
-        weights = self.qkv.weight.chunk(3)
-        biases = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None, None, None)
+        weights = self.qkv.weight.split((dim, 2 * dim))
+        biases = self.qkv.bias.split((dim, 2 * dim)) if self.qkv.bias is not None else (None, None)
         windows = hidden_states.view(batch_size, grid_h, window_size, grid_w, window_size, dim).transpose(2, 3)
         query = F.linear(windows.reshape(-1, window_size * window_size, dim), weights[0], biases[0])
         query = query.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        # keys and values of the fine and pooled tokens, (batch_size, num_source_tokens, dim): each window gathers its
-        # own in `attend`
+        # keys and values of the fine and pooled tokens, (batch_size, num_source_tokens, 2 * dim): each window gathers
+        # its own
         sources = [hidden_states.reshape(batch_size, height * width, dim)]
         sources += [pooled.flatten(1, 2) for pooled in pooled_states]
-        source = torch.cat(sources, dim=1) if len(sources) > 1 else sources[0]
-        key, value = F.linear(source, weights[1], biases[1]), F.linear(source, weights[2], biases[2])
+        key_value = F.linear(torch.cat(sources, dim=1) if len(sources) > 1 else sources[0], weights[1], biases[1])
         bias = self.cached_attention_bias(layout, query.dtype)
 
         uses_cpu_kernel = (
@@ -649,41 +653,39 @@ class FocalAttentionBase(nn.Module):
             and not (self.training and self.attention_dropout > 0)
         )
         if uses_cpu_kernel:
-            attn_output = CPUGatheredAttention.apply(query, key, value, bias, layout.key_index, self.scaling)
-            attn_output, attn_weights = attn_output.transpose(1, 2), None
+            attn_output = CPUGatheredAttention.apply(query, key_value, bias, layout.key_index, self.scaling)
+            attn_weights = None
         else:
-            attn_output, attn_weights = self.attend(query, key, value, bias, layout, **kwargs)
+            attn_output, attn_weights = self.attend(query, key_value, bias, layout, **kwargs)
 
         # (batch_size * num_windows, window_size**2, num_heads, head_dim) -> (batch_size, height, width, dim)
-        attn_output = attn_output.reshape(batch_size, grid_h, grid_w, window_size, window_size, dim)
+        attn_output = attn_output.view(batch_size, grid_h, grid_w, window_size, window_size, dim)
         attn_output = attn_output.transpose(2, 3).reshape(batch_size, height, width, dim)
         return self.proj_dropout(self.proj(attn_output)), attn_weights
 
     def attend(
         self,
         query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
+        key_value: torch.Tensor,
         bias: torch.Tensor,
         layout: FocalKeyLayout,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Gather each window's keys and values from their sources `(batch, num_source_tokens, dim)` and attend with
-        `query` `(batch * num_windows, num_heads, window_size**2, head_dim)` through the configured attention
+        """Gather each window's keys and values from their source `(batch, num_source_tokens, 2 * dim)` and attend
+        with `query` `(batch * num_windows, num_heads, window_size**2, head_dim)` through the configured attention
         function: the output `(batch * num_windows, window_size**2, num_heads, head_dim)` and, if eager, the
         weights `(batch * num_windows, num_heads, window_size**2, num_keys)`."""
         if bias.shape[0] == 1:  # the same for every window
             bias = bias.expand(query.shape[0], -1, -1, -1)
-        elif key.shape[0] > 1:
-            bias = bias.repeat(key.shape[0], 1, 1, 1)
+        elif key_value.shape[0] > 1:
+            bias = bias.repeat(key_value.shape[0], 1, 1, 1)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
         return attention_interface(
             self,
             query,
-            gather_keys(key, layout.key_index, self.num_heads),
-            gather_keys(value, layout.key_index, self.num_heads),
+            *gather_key_values(key_value, layout.key_index, self.num_heads),
             bias,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
