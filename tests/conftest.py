@@ -7,7 +7,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FIXTURES = Path(__file__).parent / "fixtures"
-PARITY_CASES = ["v1_fc_224", "v1_useconv_224", "v2_useconv_224"]
+PARITY_CASES = ["v1_fc_224", "v1_useconv_224", "v2_useconv_224", "v1_shift_mean_64", "v1_shift_conv_80"]
 
 
 @pytest.fixture(autouse=True)

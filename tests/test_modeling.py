@@ -13,8 +13,15 @@ from transformers import (
     UperNetForSemanticSegmentation,
 )
 
-from focal_hf import FocalBackbone, FocalConfig, FocalForImageClassification, FocalModel
-from focal_hf.modeling_focal import cached_key_layout
+from focal_hf import (
+    FocalBackbone,
+    FocalConfig,
+    FocalForImageClassification,
+    FocalModel,
+    modeling_focal,
+    official_config,
+)
+from focal_hf.modeling_focal import cached_key_layout, focal_key_layout, neighbor_offsets
 
 ATTENTIONS = ["focal", "focal_fast"]
 # non-square, not multiples of 32 or of the window, down to the 32 px minimum
@@ -222,10 +229,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(attention_type):
         torch.testing.assert_close(checkpointed[name], reference[name], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attention_type", ATTENTIONS)
-def test_sdpa_equals_eager(attention_type):
-    eager = make(FocalForImageClassification, attention_type, attn_implementation="eager").train()
-    sdpa = make(FocalForImageClassification, attention_type, attn_implementation="sdpa").train()
+@pytest.mark.parametrize(
+    "attention_type, overrides",
+    [("focal", {}), ("focal_fast", {}), ("focal", {"use_shift": True, "depths": [2, 1, 2, 1], "focal_pool": "none"})],
+)
+def test_sdpa_equals_eager(attention_type, overrides):
+    # on CPU, SDPA runs `CPUGatheredAttention` (fused kernel forward, own backward): same values, same gradients
+    eager = make(FocalForImageClassification, attention_type, attn_implementation="eager", **overrides).train()
+    sdpa = make(FocalForImageClassification, attention_type, attn_implementation="sdpa", **overrides).train()
     sdpa.load_state_dict(eager.state_dict())
     assert sdpa.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
     pixel_values, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 4])
@@ -237,8 +248,59 @@ def test_sdpa_equals_eager(attention_type):
         _gradients(eager.train(), pixel_values, labels),
         _gradients(sdpa.train(), pixel_values, labels),
     )
+    assert sdpa_grads.keys() == eager_grads.keys() and len(eager_grads) == len(list(eager.parameters()))
     for name in eager_grads:
         torch.testing.assert_close(sdpa_grads[name], eager_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_bfloat16_training_step_on_cpu():
+    model = make(FocalForImageClassification).train()
+    pixel_values, labels = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
+    reference = _gradients(model, pixel_values, labels)
+    gradients = _gradients(model.to(torch.bfloat16), pixel_values.to(torch.bfloat16), labels)
+    assert gradients.keys() == reference.keys()
+    for gradient in gradients.values():
+        assert gradient.dtype == torch.bfloat16 and torch.isfinite(gradient).all()
+    flat = torch.cat([gradients[name].float().flatten() for name in reference])
+    flat_reference = torch.cat([gradient.flatten() for gradient in reference.values()])
+    assert torch.nn.functional.cosine_similarity(flat, flat_reference, dim=0) > 0.98
+
+
+def test_inference_bias_cache_follows_parameters_and_dtype():
+    model = make(FocalForImageClassification)
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(pixel_values).logits
+        table = model.focal.encoder.layers[0].blocks[0].attention.relative_position_bias_table
+        table.copy_(3 * torch.randn_like(table))  # in place: the cached bias must not be reused
+        after = model(pixel_values).logits
+        fresh = FocalForImageClassification(model.config).eval()
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(after, fresh(pixel_values).logits, atol=1e-6, rtol=0)
+        assert not torch.allclose(after, before, atol=1e-4)
+        as_double = model.double()(pixel_values.double()).logits
+    assert as_double.dtype == torch.float64
+    torch.testing.assert_close(as_double.float(), after, atol=1e-5, rtol=0)
+    with torch.enable_grad():  # with autograd the bias is computed afresh, and it is differentiable
+        model(pixel_values.double()).logits.sum().backward()
+    assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+def test_cpu_chunking_gives_the_same_outputs(monkeypatch):
+    model = make(FocalForImageClassification)
+    pixel_values = torch.randn(3, 3, 64, 64)
+    calls = []
+    model.focal.encoder.layers[0].blocks[0].mlp.fc1.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        reference = model(pixel_values).logits
+        assert len(calls) == 1
+        monkeypatch.setattr(modeling_focal, "CPU_CHUNK_BYTES", 1024)  # 4 tokens of the 64-wide MLP at a time
+        chunked = model(pixel_values).logits
+    assert len(calls) == 1 + 3 * 256 // 4
+    torch.testing.assert_close(chunked, reference, atol=1e-6, rtol=0)
+    model.train()  # with autograd: one piece
+    model(pixel_values)
+    assert len(calls) == 2 + 3 * 256 // 4
 
 
 def test_sdpa_is_the_default():
@@ -334,3 +396,28 @@ def test_layouts_follow_the_model_to_its_dtype_and_device():
     layout = next(layout for layout in layouts if layout.key_mask is not None)  # a shifted block's
     assert layout.key_mask.dtype == torch.bfloat16 and layout.key_index.dtype == torch.long
     assert not any("layout" in name for name in model.state_dict())  # recomputed, never saved
+
+
+def test_focal_layout_merges_duplicate_keys_and_drops_pooled_keys_outside_the_map():
+    # Focal-T's first stage: 56x56 tokens, windows of 7, expand size 3, one pooled level with a 7x7 neighbourhood
+    geometry = official_config("focal-tiny").block_geometry(0, 0)
+    layout = focal_key_layout(56, 56, geometry)
+    key_index, fine_slots, pooled_slots = layout["key_index"], layout["fine_slots"], layout["pooled_slots"]
+    # 132 official surrounding slots reach 120 distinct tokens: 12 are reached by two shifted windows
+    num_neighbors = len(neighbor_offsets(7, 3))
+    assert num_neighbors == 132 and fine_slots.shape == (49 + 120, 2)
+    assert ((fine_slots < 49 + num_neighbors).sum(1) == 2).sum() == 12
+    assert sorted(fine_slots[fine_slots < 49 + num_neighbors].tolist()) == list(range(49 + num_neighbors))
+    # every window attends distinct tokens: its 13x13 neighbourhood, then its pooled tokens inside the 8x8 map
+    assert key_index.shape == (64, 49 + 120 + 49) and layout["key_mask"] is None
+    pooled_start = 56 * 56
+    for window in (0, 9, 27, 63):
+        fine = key_index[window, : 49 + 120]
+        assert len(set(fine.tolist())) == 169 and (fine < pooled_start).all()
+        valid = pooled_slots[window] < 49
+        pooled = key_index[window, 169:][valid]
+        assert len(set(pooled.tolist())) == int(valid.sum()) and (pooled >= pooled_start).all()
+    # windows (0, 0), (1, 1), (3, 3) see 4x4, 5x5 and all 7x7 of their neighbourhood on the 8x8 pooled map
+    assert [int((pooled_slots[window] < 49).sum()) for window in (0, 9, 27)] == [16, 25, 49]
+    model_layout = FocalModel(official_config("focal-tiny")).encoder.layers[0].blocks[0].attention.layout
+    assert model_layout.key_index.shape == (64, 224) and model_layout.num_padding_keys == 6  # padded to 16s

@@ -613,11 +613,12 @@ class FocalAttentionBase(nn.Module):
         raise NotImplementedError
 
     def cached_attention_bias(self, layout: FocalKeyLayout, dtype: torch.dtype) -> torch.Tensor:
-        """`attention_bias(layout)` in `dtype`. It depends on the parameters only: without autograd (inference) the
-        last one is kept and reused until the layout or a parameter (its storage or in-place version) changes."""
+        """`attention_bias(layout)` in `dtype`. Without autograd (inference) the last one is kept and reused until the
+        layout, or the storage or in-place version of a parameter or buffer it depends on, changes."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.attention_bias(layout).to(dtype)
-        key = (layout, dtype, *((parameter.data_ptr(), parameter._version) for parameter in self.parameters()))
+        tensors = [*self.parameters(), *self.buffers(), *layout.buffers()]
+        key = (layout, dtype, *((tensor.data_ptr(), tensor._version) for tensor in tensors))
         if self._cached_bias is None or self._cached_bias[0] != key:
             self._cached_bias = (key, self.attention_bias(layout).to(dtype))
         return self._cached_bias[1]
