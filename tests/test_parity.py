@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import focal_hf
 from focal_hf import FocalConfig, convert_original_state_dict, load_original_checkpoint, official_config
-from focal_hf.modeling_focal import focal_fast_key_layout
+from focal_hf.modeling_focal import focal_fast_key_layout, window_order
 from focal_hf.original import OFFICIAL_MODELS
 
 OFFICIAL = json.loads((FIXTURES / "official_checkpoints.json").read_text())
@@ -115,7 +115,10 @@ def test_checkpoint_wrapped_or_raw_and_buffers_recomputed():
         height, width = config.stage_grid(stage)
         key_index = focal_fast_key_layout(height, width, geometry.window_size, 2, 128)["key_index"]
         saved = [raw[f"layers.{stage}.blocks.0.attn.topk_cloest_indice_{level}"] for level in range(2)]
-        saved[1] = saved[1] + height * width  # pooled tokens follow the fine-grained map in our key source
+        # our key source lists the fine tokens window by window, then the pooled tokens
+        window_size = geometry.window_size
+        saved[0] = window_order(saved[0] // width, saved[0] % width, window_size, -(-width // window_size))
+        saved[1] = saved[1] + height * width
         torch.testing.assert_close(key_index, torch.cat(saved, dim=1), rtol=0, atol=0)
 
 

@@ -109,6 +109,13 @@ def _grid(height: int, width: int) -> torch.Tensor:
     return torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")).flatten(1)
 
 
+def window_order(rows: torch.Tensor, cols: torch.Tensor, window_size: int, grid_w: int) -> torch.Tensor:
+    """Position of the tokens at (`rows`, `cols`) of a map of `grid_w` windows per row, when its tokens are listed
+    window by window (windows row-major, tokens row-major within each): the order of the attention's key source."""
+    windows = (rows // window_size) * grid_w + cols // window_size
+    return windows * window_size**2 + (rows % window_size) * window_size + cols % window_size
+
+
 def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
     """Index `(query_size**2, key_size**2)` into a `((query_size + key_size - 1) ** 2)` bias table, for a
     `query_size` window and a `key_size` grid of keys both anchored at their top-left corners."""
@@ -257,7 +264,7 @@ def focal_key_layout(height: int, width: int, geometry: FocalBlockGeometry) -> d
         fine_slots = torch.cat((F.pad(fine_slots, (0, members.shape[1] - 1), value=padding_slot), members))
     token_rows = (window_rows[:, None] * window_size + fine_offsets[None, :, 0]) % height
     token_cols = (window_cols[:, None] * window_size + fine_offsets[None, :, 1]) % width
-    fine_index = token_rows * width + token_cols
+    fine_index = window_order(token_rows, token_cols, window_size, grid_w)
 
     # pooled levels: a neighbourhood around the window on each pooled map; keep the valid tokens, in official order
     pooled_index, pooled_valid = [], []
@@ -310,16 +317,15 @@ def focal_fast_key_layout(
     window size) and are offset by each query's position in its window.
     """
     grid_h, grid_w = -(-height // window_size), -(-width // window_size)
-    padded_w = grid_w * window_size
     windows = _grid(grid_h, grid_w)
     in_window = _grid(window_size, window_size).T - window_size // 2  # query offsets from the window centre
     indices, coord_indices, distinct_coords = [], [], []
-    start = grid_h * window_size * padded_w
+    start = grid_h * grid_w * window_size**2
     for level in range(focal_level):
         if level == 0:
             tokens = _grid(height, width)
             index, relative = nearest_tokens(windows * window_size + window_size // 2, tokens, topk)
-            indices.append(tokens[0][index] * padded_w + tokens[1][index])
+            indices.append(window_order(tokens[0][index], tokens[1][index], window_size, grid_w))
         else:
             index, relative = nearest_tokens(windows, windows, topk)
             relative = relative * window_size
@@ -459,59 +465,65 @@ class CPUGatheredAttention(torch.autograd.Function):
     differentiates the bias. (The CPU kernel gives no bias gradient, so autograd would run the unfused math path
     and keep every image's attention matrix and gathered keys: 1.4x Swin-T's training memory for Focal-T.)
 
-    query `(batch * num_windows, num_heads, queries, head_dim)`, key/value source `(batch, num_source_tokens,
-    2 * dim)`, bias `(num_windows or 1, num_heads, queries, num_keys)`, key_index `(num_windows, num_keys)` ->
-    `(batch * num_windows, queries, num_heads, head_dim)`.
+    qkv `(batch, num_tokens + num_pooled, 3 * dim)`: the projected tokens, the fine ones window by window; bias
+    `(num_windows or 1, num_heads, window_area, num_keys)`; key_index `(num_windows, num_keys)` into the tokens ->
+    `(batch * num_windows, window_area, num_heads, head_dim)`.
     """
 
     @staticmethod
-    def forward(ctx, query, key_value, bias, key_index, scaling):
-        num_windows, (_, num_heads, num_queries, head_dim) = key_index.shape[0], query.shape
-        output = query.new_empty(query.shape[0], num_queries, num_heads, head_dim)
-        logsumexp = query.new_empty(query.shape[:3], dtype=torch.float32)
-        for image, image_key_value in enumerate(key_value):
+    def split(qkv: torch.Tensor, key_index: torch.Tensor, window_area: int, num_heads: int):
+        """One image's queries `(num_windows, num_heads, window_area, head_dim)`, and keys and values (gathered)."""
+        dim = qkv.shape[-1] // 3
+        query = qkv[: key_index.shape[0] * window_area, :dim].view(-1, window_area, num_heads, dim // num_heads)
+        return query.transpose(1, 2), *gather_key_values(qkv[:, dim:], key_index, num_heads)
+
+    @staticmethod
+    def forward(ctx, qkv, bias, key_index, num_heads, scaling):
+        num_windows, window_area = key_index.shape[0], bias.shape[2]
+        head_dim = qkv.shape[-1] // (3 * num_heads)
+        output = qkv.new_empty(len(qkv) * num_windows, window_area, num_heads, head_dim)
+        logsumexp = qkv.new_empty(len(qkv) * num_windows, num_heads, window_area, dtype=torch.float32)
+        for image, image_qkv in enumerate(qkv):
             rows = slice(image * num_windows, (image + 1) * num_windows)
             image_output, logsumexp[rows] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                query[rows],
-                *gather_key_values(image_key_value, key_index, num_heads),
+                *CPUGatheredAttention.split(image_qkv, key_index, window_area, num_heads),
                 attn_mask=bias.expand(num_windows, -1, -1, -1),
                 scale=scaling,
             )
             output[rows] = image_output.transpose(1, 2)
-        ctx.save_for_backward(query, key_value, bias, key_index, output, logsumexp)
-        ctx.scaling = scaling
+        ctx.save_for_backward(qkv, bias, key_index, output, logsumexp)
+        ctx.num_heads, ctx.scaling = num_heads, scaling
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        query, key_value, bias, key_index, output, logsumexp = ctx.saved_tensors
-        num_windows, num_keys = key_index.shape
-        num_heads, scaling = query.shape[1], ctx.scaling
-        compute_dtype = torch.promote_types(query.dtype, torch.float32)  # low precision: recompute in float32
-        grad_query = torch.empty_like(query)
-        grad_key_value = torch.zeros_like(key_value)
+        qkv, bias, key_index, output, logsumexp = ctx.saved_tensors
+        num_heads, scaling = ctx.num_heads, ctx.scaling
+        (num_windows, num_keys), window_area, dim = key_index.shape, bias.shape[2], qkv.shape[-1] // 3
+        compute_dtype = torch.promote_types(qkv.dtype, torch.float32)  # low precision: recompute in float32
+        grad_qkv = torch.zeros_like(qkv)
         grad_bias = torch.zeros_like(bias, dtype=compute_dtype)
-        grad_rows = key_value.new_empty(num_windows, num_keys, 2, num_heads, query.shape[-1])
-        for image in range(len(key_value)):
+        grad_rows = qkv.new_empty(num_windows, num_keys, 2, num_heads, dim // num_heads)
+        for image in range(len(qkv)):
             rows = slice(image * num_windows, (image + 1) * num_windows)
-            image_query = query[rows].to(compute_dtype)
+            query, keys, values = (
+                tensor.to(compute_dtype).contiguous()
+                for tensor in CPUGatheredAttention.split(qkv[image], key_index, window_area, num_heads)
+            )
             image_output, image_grad = (
                 tensor[rows].transpose(1, 2).to(compute_dtype) for tensor in (output, grad_output)
             )
-            keys, values = (
-                tensor.to(compute_dtype).contiguous()
-                for tensor in gather_key_values(key_value[image], key_index, num_heads)
-            )
-            scores = torch.matmul(image_query, keys.transpose(-1, -2)).mul_(scaling).add_(bias)
+            scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(scaling).add_(bias)
             probs = scores.sub_(logsumexp[rows].unsqueeze(-1)).exp_()  # the forward's softmax
             grad_scores = torch.matmul(image_grad, values.transpose(-1, -2))
             grad_scores.sub_((image_grad * image_output).sum(-1, keepdim=True)).mul_(probs)
-            grad_query[rows] = torch.matmul(grad_scores, keys).mul_(scaling)
             grad_bias += grad_scores.sum(0, keepdim=True) if bias.shape[0] == 1 else grad_scores
-            grad_rows[:, :, 0] = torch.matmul(grad_scores.transpose(-1, -2), image_query).mul_(scaling).transpose(1, 2)
+            grad_query = torch.matmul(grad_scores, keys).mul_(scaling).transpose(1, 2)
+            grad_qkv[image, : num_windows * window_area, :dim].view(grad_query.shape).copy_(grad_query)
+            grad_rows[:, :, 0] = torch.matmul(grad_scores.transpose(-1, -2), query).mul_(scaling).transpose(1, 2)
             grad_rows[:, :, 1] = torch.matmul(probs.transpose(-1, -2), image_grad).transpose(1, 2)
-            grad_key_value[image].index_add_(0, key_index.flatten(), grad_rows.view(num_windows * num_keys, -1))
-        return grad_query, grad_key_value, grad_bias.to(bias.dtype), None, None
+            grad_qkv[image, :, dim:].index_add_(0, key_index.flatten(), grad_rows.view(num_windows * num_keys, -1))
+        return grad_qkv, grad_bias.to(bias.dtype), None, None, None
 
 
 class FocalWindowPooling(nn.Module):
@@ -635,29 +647,32 @@ class FocalAttentionBase(nn.Module):
         grid_h, grid_w = height // window_size, width // window_size
         layout = self.key_layout(*input_dimensions, hidden_states.device)
 
-        # queries of the fine tokens, window by window: (batch_size * num_windows, num_heads, window_size**2, head_dim)
-        weights = self.qkv.weight.split((dim, 2 * dim))
-        biases = self.qkv.bias.split((dim, 2 * dim)) if self.qkv.bias is not None else (None, None)
+        # the attention's tokens, (batch_size, num_tokens + num_pooled, dim): the fine ones window by window, then the
+        # pooled ones. One projection gives the queries (used for the fine tokens) and the keys and values that each
+        # window gathers by its layout's `key_index`.
+        num_tokens = height * width
+        tokens = hidden_states.new_empty(
+            batch_size, num_tokens + sum(p.shape[1] * p.shape[2] for p in pooled_states), dim
+        )
         windows = hidden_states.view(batch_size, grid_h, window_size, grid_w, window_size, dim).transpose(2, 3)
-        query = F.linear(windows.reshape(-1, window_size * window_size, dim), weights[0], biases[0])
-        query = query.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        # keys and values of the fine and pooled tokens, (batch_size, num_source_tokens, 2 * dim): each window gathers
-        # its own
-        sources = [hidden_states.reshape(batch_size, height * width, dim)]
-        sources += [pooled.flatten(1, 2) for pooled in pooled_states]
-        key_value = F.linear(torch.cat(sources, dim=1) if len(sources) > 1 else sources[0], weights[1], biases[1])
-        bias = self.cached_attention_bias(layout, query.dtype)
+        tokens[:, :num_tokens].view(windows.shape).copy_(windows)
+        start = num_tokens
+        for pooled in pooled_states:
+            tokens[:, start : start + pooled.shape[1] * pooled.shape[2]] = pooled.flatten(1, 2)
+            start += pooled.shape[1] * pooled.shape[2]
+        qkv = self.qkv(tokens)
+        bias = self.cached_attention_bias(layout, qkv.dtype)
 
         uses_cpu_kernel = (
             self.config._attn_implementation == "sdpa"
-            and query.device.type == "cpu"
+            and qkv.device.type == "cpu"
             and not (self.training and self.attention_dropout > 0)
         )
         if uses_cpu_kernel:
-            attn_output = CPUGatheredAttention.apply(query, key_value, bias, layout.key_index, self.scaling)
+            attn_output = CPUGatheredAttention.apply(qkv, bias, layout.key_index, self.num_heads, self.scaling)
             attn_weights = None
         else:
-            attn_output, attn_weights = self.attend(query, key_value, bias, layout, **kwargs)
+            attn_output, attn_weights = self.attend(qkv, bias, layout, **kwargs)
 
         # (batch_size * num_windows, window_size**2, num_heads, head_dim) -> (batch_size, height, width, dim)
         attn_output = attn_output.view(batch_size, grid_h, grid_w, window_size, window_size, dim)
@@ -665,28 +680,25 @@ class FocalAttentionBase(nn.Module):
         return self.proj_dropout(self.proj(attn_output)), attn_weights
 
     def attend(
-        self,
-        query: torch.Tensor,
-        key_value: torch.Tensor,
-        bias: torch.Tensor,
-        layout: FocalKeyLayout,
-        **kwargs: Unpack[TransformersKwargs],
+        self, qkv: torch.Tensor, bias: torch.Tensor, layout: FocalKeyLayout, **kwargs: Unpack[TransformersKwargs]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Gather each window's keys and values from their source `(batch, num_source_tokens, 2 * dim)` and attend
-        with `query` `(batch * num_windows, num_heads, window_size**2, head_dim)` through the configured attention
-        function: the output `(batch * num_windows, window_size**2, num_heads, head_dim)` and, if eager, the
-        weights `(batch * num_windows, num_heads, window_size**2, num_keys)`."""
+        """Attention through the configured attention function, from the projected tokens `qkv`
+        `(batch, num_tokens + num_pooled, 3 * dim)`: the output `(batch * num_windows, window_size**2, num_heads,
+        head_dim)` and, if eager, the weights `(batch * num_windows, num_heads, window_size**2, num_keys)`."""
+        batch_size, _, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        num_windows, window_area = layout.key_index.shape[0], bias.shape[2]
+        query = qkv[:, : num_windows * window_area, :dim].reshape(-1, window_area, self.num_heads, self.head_dim)
         if bias.shape[0] == 1:  # the same for every window
             bias = bias.expand(query.shape[0], -1, -1, -1)
-        elif key_value.shape[0] > 1:
-            bias = bias.repeat(key_value.shape[0], 1, 1, 1)
+        elif batch_size > 1:
+            bias = bias.repeat(batch_size, 1, 1, 1)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
         return attention_interface(
             self,
-            query,
-            *gather_key_values(key_value, layout.key_index, self.num_heads),
+            query.transpose(1, 2),
+            *gather_key_values(qkv[..., dim:], layout.key_index, self.num_heads),
             bias,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
