@@ -389,12 +389,21 @@ class FocalPatchEmbeddings(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if self.pre_norm is not None:
             pixel_values = self.pre_norm(pixel_values)
-        embeddings = self.projection(pixel_values)
-        output_dimensions = embeddings.shape[-2:]
-        embeddings = embeddings.flatten(2).transpose(1, 2)
+        kernel_size, stride = self.projection.kernel_size[0], self.projection.stride[0]
+        if kernel_size == stride:  # non-overlapping patches: one matrix product, no convolution weight reorder
+            batch_size, channels, height, width = pixel_values.shape
+            height, width = height // stride, width // stride
+            patches = pixel_values[:, :, : height * stride, : width * stride]
+            patches = patches.reshape(batch_size, channels, height, stride, width, stride).permute(0, 2, 4, 1, 3, 5)
+            weight = self.projection.weight.view(self.projection.out_channels, -1)
+            embeddings = F.linear(patches.reshape(batch_size, height * width, -1), weight, self.projection.bias)
+        else:
+            embeddings = self.projection(pixel_values)
+            height, width = embeddings.shape[-2:]
+            embeddings = embeddings.flatten(2).transpose(1, 2)
         if self.norm is not None:
             embeddings = self.norm(embeddings)
-        return embeddings, (output_dimensions[0], output_dimensions[1])
+        return embeddings, (height, width)
 
 
 class FocalEmbeddings(nn.Module):
