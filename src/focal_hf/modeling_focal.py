@@ -6,8 +6,13 @@ Each block attends, from every window of `window_size**2` query tokens,
 2. the fine-grained tokens around the window, up to `expand_size` away ("expanded" window), and
 3. for each further focal level, the tokens of a map where sub-windows are pooled into one token, in a
    neighbourhood of windows around it (coarse-grained).
-All keys of a window are gathered with one precomputed index map per input size, and the position biases and
-masks are combined into one additive attention bias, so the attention itself is a plain (eager or SDPA) call.
+All keys of a window are gathered with one precomputed index map per input size from one projection of the tokens
+(the fine ones window by window, then the pooled ones), and the position biases and masks are combined into one
+additive attention bias, so the attention itself is a plain (eager or SDPA) call. The keys are fewer than the
+official code's at identical outputs: a surrounding token that two shifted windows both reach is one key with the
+log-sum-exp of both biases, and pooled tokens outside the map (official: masked zero tokens) are left out. On CPU the
+SDPA path runs `CPUGatheredAttention`: the fused kernel one image at a time, and a backward pass that recomputes
+rather than stores the gathered keys and attention matrices.
 """
 
 from __future__ import annotations
@@ -35,17 +40,11 @@ from .configuration_focal import FocalBlockGeometry, FocalConfig, pooled_window_
 
 # The official code masks with -100 (not -inf): across shifted-window regions and on pooled tokens outside the map.
 MASK_VALUE = -100.0
-# Without autograd on CPU, attention and MLP process at most this many bytes of activations at a time (below
-# glibc's largest mmap threshold, so the buffers are recycled rather than freshly paged in on every call).
+# Without autograd on CPU, the MLP processes at most this many bytes of hidden activations at a time: they stay in
+# cache and in recycled memory, where one large buffer would be paged in afresh on every call.
 CPU_CHUNK_BYTES = 4 * 2**20
 # Keys per window are padded (with masked keys) to a multiple of this: attention kernels then run without vector tails.
 KEY_ALIGNMENT = 16
-
-
-def chunks_recycle_memory(hidden_states: torch.Tensor) -> bool:
-    """Whether to process `hidden_states` a bounded piece at a time (`CPU_CHUNK_BYTES`): on CPU without autograd.
-    With autograd the pieces' buffers are kept for the backward pass, so nothing would be recycled."""
-    return hidden_states.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
@@ -73,7 +72,8 @@ class FocalModelOutput(ModelOutput):
         The embeddings' output and each stage's output (after its downsampling), `(batch_size, tokens, channels)`.
     attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`, eager attention):
         For each stage, the attention probabilities of its last block,
-        `(batch_size * num_windows, num_heads, window_size**2, num_keys)`.
+        `(batch_size * num_windows, num_heads, window_size**2, num_keys)`, over the keys of its layout (each distinct
+        token once; padding keys have probability 0).
     reshaped_hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
         `hidden_states` as `(batch_size, channels, height, width)` maps.
     """
@@ -168,9 +168,9 @@ class FocalKeyLayout(nn.Module):
     the model (`.to(device)`) and `torch.compile` sees constants. Each attention holds the layout of the configured
     image size; other sizes come from `cached_key_layout`.
 
-    key_index (`(num_windows, num_keys)`): index into the key source, the padded fine-grained map
-        (`padded_height * padded_width` tokens) followed by each pooled map. `num_keys` is padded to a multiple of
-        `KEY_ALIGNMENT` with token 0, which the attention bias masks out (`num_padding_keys`).
+    key_index (`(num_windows, num_keys)`): index into the attention's tokens, the padded fine-grained map window by
+        window (`window_order`) followed by each pooled map. `num_keys` is padded to a multiple of `KEY_ALIGNMENT`
+        with token 0, which the attention bias masks out (`num_padding_keys`).
     The other buffers say how to build each key's bias; they depend on the attention (see its layout builder).
     """
 
@@ -896,7 +896,7 @@ class FocalLayer(GradientCheckpointingLayer):
         """LayerNorm and MLP, token-wise: `(batch_size, tokens, dim)` -> same shape. On CPU a bounded number of tokens
         at a time: the MLP's 4x wider activations then stay in recycled (and cached) memory, where one large buffer
         costs fresh pages (twice the time at the first stage of Focal-T, batch 8)."""
-        if not chunks_recycle_memory(hidden_states):
+        if hidden_states.device.type != "cpu" or torch.is_grad_enabled():  # with autograd, every piece is kept anyway
             return self.mlp(self.layernorm_after(hidden_states))
         tokens = hidden_states.flatten(0, 1)
         rows = max(1, CPU_CHUNK_BYTES // (self.mlp.fc1.out_features * hidden_states.element_size()))
