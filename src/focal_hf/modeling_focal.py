@@ -40,9 +40,9 @@ from .configuration_focal import FocalBlockGeometry, FocalConfig, pooled_window_
 
 # The official code masks with -100 (not -inf): across shifted-window regions and on pooled tokens outside the map.
 MASK_VALUE = -100.0
-# Without autograd on CPU, the MLP processes at most this many bytes of hidden activations at a time: they stay in
-# cache and in recycled memory, where one large buffer would be paged in afresh on every call.
-CPU_CHUNK_BYTES = 4 * 2**20
+# Without autograd on CPU, a block processes as many images at a time as keep its MLP's hidden activations within
+# this many bytes.
+CPU_CHUNK_BYTES = 8 * 2**20
 # Keys per window are padded (with masked keys) to a multiple of this: attention kernels then run without vector tails.
 KEY_ALIGNMENT = 16
 
@@ -863,6 +863,25 @@ class FocalLayer(GradientCheckpointingLayer):
         input_dimensions: tuple[int, int],
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, num_tokens, channels = hidden_states.shape
+        if hidden_states.device.type == "cpu" and not torch.is_grad_enabled():
+            # a few images at a time: every buffer stays small, in cache and recycled, where one large buffer is paged
+            # in afresh on every call (with autograd every piece would be kept anyway)
+            mlp_bytes = num_tokens * self.mlp.fc1.out_features * hidden_states.element_size()  # per image
+            chunk = max(1, CPU_CHUNK_BYTES // mlp_bytes)
+            if chunk < batch_size:
+                outputs = [self.block(part, input_dimensions, **kwargs) for part in hidden_states.split(chunk)]
+                weights = [weights for _, weights in outputs if weights is not None]
+                return torch.cat([output for output, _ in outputs]), torch.cat(weights) if weights else None
+        return self.block(hidden_states, input_dimensions, **kwargs)
+
+    def block(
+        self,
+        hidden_states: torch.Tensor,
+        input_dimensions: tuple[int, int],
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block on `hidden_states` `(batch_size, height * width, dim)`: its output and attention weights."""
         height, width = input_dimensions
         batch_size, _, channels = hidden_states.shape
         window_size, shift_size = self.geometry.window_size, self.geometry.shift_size
@@ -886,22 +905,11 @@ class FocalLayer(GradientCheckpointingLayer):
             attention_output = self.layer_scale_1 * attention_output
         hidden_states = shortcut + self.drop_path(attention_output)
 
-        mlp_output = self.feed_forward(hidden_states)
+        mlp_output = self.mlp(self.layernorm_after(hidden_states))
         if self.layer_scale_2 is not None:
             mlp_output = self.layer_scale_2 * mlp_output
         hidden_states = hidden_states + self.drop_path(mlp_output)
         return hidden_states, attn_weights
-
-    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """LayerNorm and MLP, token-wise: `(batch_size, tokens, dim)` -> same shape. On CPU a bounded number of tokens
-        at a time: the MLP's 4x wider activations then stay in recycled (and cached) memory, where one large buffer
-        costs fresh pages (twice the time at the first stage of Focal-T, batch 8)."""
-        if hidden_states.device.type != "cpu" or torch.is_grad_enabled():  # with autograd, every piece is kept anyway
-            return self.mlp(self.layernorm_after(hidden_states))
-        tokens = hidden_states.flatten(0, 1)
-        rows = max(1, CPU_CHUNK_BYTES // (self.mlp.fc1.out_features * hidden_states.element_size()))
-        outputs = [self.mlp(self.layernorm_after(chunk)) for chunk in tokens.split(rows)]
-        return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]).view(hidden_states.shape)
 
 
 class FocalStage(nn.Module):
