@@ -234,7 +234,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(attention_type):
     [("focal", {}), ("focal_fast", {}), ("focal", {"use_shift": True, "depths": [2, 1, 2, 1], "focal_pool": "none"})],
 )
 def test_sdpa_equals_eager(attention_type, overrides):
-    # on CPU, SDPA runs `CPUGatheredAttention` (fused kernel forward, own backward): same values, same gradients
+    # on CPU, SDPA runs `cpu_gathered_attention` (fused kernel forward, own backward): same values, same gradients
     eager = make(FocalForImageClassification, attention_type, attn_implementation="eager", **overrides).train()
     sdpa = make(FocalForImageClassification, attention_type, attn_implementation="sdpa", **overrides).train()
     sdpa.load_state_dict(eager.state_dict())

@@ -11,8 +11,8 @@ All keys of a window are gathered with one precomputed index map per input size 
 additive attention bias, so the attention itself is a plain (eager or SDPA) call. The keys are fewer than the
 official code's at identical outputs: a surrounding token that two shifted windows both reach is one key with the
 log-sum-exp of both biases, and pooled tokens outside the map (official: masked zero tokens) are left out. On CPU the
-SDPA path runs `CPUGatheredAttention`: the fused kernel one image at a time, and a backward pass that recomputes
-rather than stores the gathered keys and attention matrices.
+SDPA path runs the custom op `cpu_gathered_attention`: the fused kernel one image at a time, and a backward pass
+that recomputes rather than stores the gathered keys and attention matrices.
 """
 
 from __future__ import annotations
@@ -468,71 +468,113 @@ def gather_key_values(
     return gathered.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-class CPUGatheredAttention(torch.autograd.Function):
-    """SDPA over gathered keys on CPU, one image at a time. The forward pass runs the fused (flash) kernel; the
-    backward pass recomputes each image's gathered keys and attention matrix rather than storing them, and also
-    differentiates the bias. (The CPU kernel gives no bias gradient, so autograd would run the unfused math path
-    and keep every image's attention matrix and gathered keys: 1.4x Swin-T's training memory for Focal-T.)
+def _split_qkv(qkv: torch.Tensor, key_index: torch.Tensor, window_area: int, num_heads: int):
+    """One image's projected tokens `(num_tokens + num_pooled, 3 * dim)` -> its queries `(num_windows, num_heads,
+    window_area, head_dim)`, and each window's keys and values (gathered)."""
+    dim = qkv.shape[-1] // 3
+    query = qkv[: key_index.shape[0] * window_area, :dim].view(-1, window_area, num_heads, dim // num_heads)
+    return query.transpose(1, 2), *gather_key_values(qkv[:, dim:], key_index, num_heads)
+
+
+def _cpu_gathered_attention(
+    qkv: torch.Tensor, bias: torch.Tensor, key_index: torch.Tensor, num_heads: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA over gathered keys on CPU, one image at a time, with PyTorch's fused (flash) CPU kernel.
 
     qkv `(batch, num_tokens + num_pooled, 3 * dim)`: the projected tokens, the fine ones window by window; bias
     `(num_windows or 1, num_heads, window_area, num_keys)`; key_index `(num_windows, num_keys)` into the tokens ->
-    `(batch * num_windows, window_area, num_heads, head_dim)`.
+    the output `(batch * num_windows, window_area, num_heads, head_dim)` and its log-sum-exp (float32)
+    `(batch * num_windows, num_heads, window_area)`.
     """
+    num_windows, window_area = key_index.shape[0], bias.shape[2]
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    output = qkv.new_empty(len(qkv) * num_windows, window_area, num_heads, head_dim)
+    logsumexp = qkv.new_empty(len(qkv) * num_windows, num_heads, window_area, dtype=torch.float32)
+    for image, image_qkv in enumerate(qkv):
+        rows = slice(image * num_windows, (image + 1) * num_windows)
+        image_output, logsumexp[rows] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            *_split_qkv(image_qkv, key_index, window_area, num_heads),
+            attn_mask=bias.expand(num_windows, -1, -1, -1),
+            scale=scaling,
+        )
+        output[rows] = image_output.transpose(1, 2)
+    return output, logsumexp
 
-    @staticmethod
-    def split(qkv: torch.Tensor, key_index: torch.Tensor, window_area: int, num_heads: int):
-        """One image's queries `(num_windows, num_heads, window_area, head_dim)`, and keys and values (gathered)."""
-        dim = qkv.shape[-1] // 3
-        query = qkv[: key_index.shape[0] * window_area, :dim].view(-1, window_area, num_heads, dim // num_heads)
-        return query.transpose(1, 2), *gather_key_values(qkv[:, dim:], key_index, num_heads)
 
-    @staticmethod
-    def forward(ctx, qkv, bias, key_index, num_heads, scaling):
-        num_windows, window_area = key_index.shape[0], bias.shape[2]
-        head_dim = qkv.shape[-1] // (3 * num_heads)
-        output = qkv.new_empty(len(qkv) * num_windows, window_area, num_heads, head_dim)
-        logsumexp = qkv.new_empty(len(qkv) * num_windows, num_heads, window_area, dtype=torch.float32)
-        for image, image_qkv in enumerate(qkv):
-            rows = slice(image * num_windows, (image + 1) * num_windows)
-            image_output, logsumexp[rows] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                *CPUGatheredAttention.split(image_qkv, key_index, window_area, num_heads),
-                attn_mask=bias.expand(num_windows, -1, -1, -1),
-                scale=scaling,
-            )
-            output[rows] = image_output.transpose(1, 2)
-        ctx.save_for_backward(qkv, bias, key_index, output, logsumexp)
-        ctx.num_heads, ctx.scaling = num_heads, scaling
-        return output
+def _cpu_gathered_attention_backward(
+    grad_output: torch.Tensor,
+    qkv: torch.Tensor,
+    bias: torch.Tensor,
+    key_index: torch.Tensor,
+    output: torch.Tensor,
+    logsumexp: torch.Tensor,
+    num_heads: int,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `qkv` and `bias`, recomputing each image's gathered keys and attention matrix."""
+    (num_windows, num_keys), window_area, dim = key_index.shape, bias.shape[2], qkv.shape[-1] // 3
+    compute_dtype = torch.promote_types(qkv.dtype, torch.float32)  # low precision: recompute in float32
+    grad_qkv = torch.zeros_like(qkv)
+    grad_bias = torch.zeros_like(bias, dtype=compute_dtype)
+    grad_rows = qkv.new_empty(num_windows, num_keys, 2, num_heads, dim // num_heads)
+    for image in range(len(qkv)):
+        rows = slice(image * num_windows, (image + 1) * num_windows)
+        query, keys, values = (
+            tensor.to(compute_dtype).contiguous()
+            for tensor in _split_qkv(qkv[image], key_index, window_area, num_heads)
+        )
+        image_output, image_grad = (tensor[rows].transpose(1, 2).to(compute_dtype) for tensor in (output, grad_output))
+        scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(scaling).add_(bias)
+        probs = scores.sub_(logsumexp[rows].unsqueeze(-1)).exp_()  # the forward's softmax
+        grad_scores = torch.matmul(image_grad, values.transpose(-1, -2))
+        grad_scores.sub_((image_grad * image_output).sum(-1, keepdim=True)).mul_(probs)
+        grad_bias += grad_scores.sum(0, keepdim=True) if bias.shape[0] == 1 else grad_scores
+        grad_query = torch.matmul(grad_scores, keys).mul_(scaling).transpose(1, 2)
+        grad_qkv[image, : num_windows * window_area, :dim].view(grad_query.shape).copy_(grad_query)
+        grad_rows[:, :, 0] = torch.matmul(grad_scores.transpose(-1, -2), query).mul_(scaling).transpose(1, 2)
+        grad_rows[:, :, 1] = torch.matmul(probs.transpose(-1, -2), image_grad).transpose(1, 2)
+        grad_qkv[image, :, dim:].index_add_(0, key_index.flatten(), grad_rows.view(num_windows * num_keys, -1))
+    return grad_qkv, grad_bias.to(bias.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        qkv, bias, key_index, output, logsumexp = ctx.saved_tensors
-        num_heads, scaling = ctx.num_heads, ctx.scaling
-        (num_windows, num_keys), window_area, dim = key_index.shape, bias.shape[2], qkv.shape[-1] // 3
-        compute_dtype = torch.promote_types(qkv.dtype, torch.float32)  # low precision: recompute in float32
-        grad_qkv = torch.zeros_like(qkv)
-        grad_bias = torch.zeros_like(bias, dtype=compute_dtype)
-        grad_rows = qkv.new_empty(num_windows, num_keys, 2, num_heads, dim // num_heads)
-        for image in range(len(qkv)):
-            rows = slice(image * num_windows, (image + 1) * num_windows)
-            query, keys, values = (
-                tensor.to(compute_dtype).contiguous()
-                for tensor in CPUGatheredAttention.split(qkv[image], key_index, window_area, num_heads)
-            )
-            image_output, image_grad = (
-                tensor[rows].transpose(1, 2).to(compute_dtype) for tensor in (output, grad_output)
-            )
-            scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(scaling).add_(bias)
-            probs = scores.sub_(logsumexp[rows].unsqueeze(-1)).exp_()  # the forward's softmax
-            grad_scores = torch.matmul(image_grad, values.transpose(-1, -2))
-            grad_scores.sub_((image_grad * image_output).sum(-1, keepdim=True)).mul_(probs)
-            grad_bias += grad_scores.sum(0, keepdim=True) if bias.shape[0] == 1 else grad_scores
-            grad_query = torch.matmul(grad_scores, keys).mul_(scaling).transpose(1, 2)
-            grad_qkv[image, : num_windows * window_area, :dim].view(grad_query.shape).copy_(grad_query)
-            grad_rows[:, :, 0] = torch.matmul(grad_scores.transpose(-1, -2), query).mul_(scaling).transpose(1, 2)
-            grad_rows[:, :, 1] = torch.matmul(probs.transpose(-1, -2), image_grad).transpose(1, 2)
-            grad_qkv[image, :, dim:].index_add_(0, key_index.flatten(), grad_rows.view(num_windows * num_keys, -1))
-        return grad_qkv, grad_bias.to(bias.dtype), None, None, None
+
+def _register_cpu_gathered_attention():
+    """`cpu_gathered_attention(qkv, bias, key_index, num_heads, scaling) -> (output, logsumexp)` as a PyTorch custom
+    op with its own backward pass. The forward runs the fused CPU kernel; the backward recomputes the gathered keys and
+    attention matrices rather than storing them, and differentiates the bias: the fused CPU kernel gives no bias
+    gradient, so autograd would fall back to the unfused path and keep every attention matrix and gathered key
+    (1.4x Swin-T's training memory for Focal-T). As a custom op it is one opaque node for `torch.compile`: its
+    gathers and loops are not re-generated as slower compiled kernels. Registered once per process (the same code
+    may also be imported as Hub remote code)."""
+    if hasattr(torch.ops.focal_hf, "cpu_gathered_attention"):
+        return torch.ops.focal_hf.cpu_gathered_attention
+    forward = torch.library.custom_op("focal_hf::cpu_gathered_attention", mutates_args=())(_cpu_gathered_attention)
+    backward = torch.library.custom_op("focal_hf::cpu_gathered_attention_backward", mutates_args=())(
+        _cpu_gathered_attention_backward
+    )
+
+    @forward.register_fake
+    def _(qkv, bias, key_index, num_heads, scaling):
+        rows, window_area = len(qkv) * key_index.shape[0], bias.shape[2]
+        output = qkv.new_empty(rows, window_area, num_heads, qkv.shape[-1] // (3 * num_heads))
+        return output, qkv.new_empty(rows, num_heads, window_area, dtype=torch.float32)
+
+    @backward.register_fake
+    def _(grad_output, qkv, bias, key_index, output, logsumexp, num_heads, scaling):
+        return torch.empty_like(qkv), torch.empty_like(bias)
+
+    def setup_context(ctx, inputs, output):
+        qkv, bias, key_index, ctx.num_heads, ctx.scaling = inputs
+        ctx.save_for_backward(qkv, bias, key_index, *output)
+
+    def differentiate(ctx, grad_output, grad_logsumexp):
+        grads = backward(grad_output, *ctx.saved_tensors, ctx.num_heads, ctx.scaling)
+        return *grads, None, None, None
+
+    forward.register_autograd(differentiate, setup_context=setup_context)
+    return torch.ops.focal_hf.cpu_gathered_attention
+
+
+cpu_gathered_attention = _register_cpu_gathered_attention()
 
 
 class FocalWindowPooling(nn.Module):
@@ -678,7 +720,7 @@ class FocalAttentionBase(nn.Module):
             and not (self.training and self.attention_dropout > 0)
         )
         if uses_cpu_kernel:
-            attn_output = CPUGatheredAttention.apply(qkv, bias, layout.key_index, self.num_heads, self.scaling)
+            attn_output = cpu_gathered_attention(qkv, bias, layout.key_index, self.num_heads, self.scaling)[0]
             attn_weights = None
         else:
             attn_output, attn_weights = self.attend(qkv, bias, layout, **kwargs)
@@ -864,9 +906,10 @@ class FocalLayer(GradientCheckpointingLayer):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, num_tokens, channels = hidden_states.shape
-        if hidden_states.device.type == "cpu" and not torch.is_grad_enabled():
+        if hidden_states.device.type == "cpu" and not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
             # a few images at a time: every buffer stays small, in cache and recycled, where one large buffer is paged
-            # in afresh on every call (with autograd every piece would be kept anyway)
+            # in afresh on every call (with autograd every piece would be kept anyway; compiled code plans its own
+            # buffers)
             mlp_bytes = num_tokens * self.mlp.fc1.out_features * hidden_states.element_size()  # per image
             chunk = max(1, CPU_CHUNK_BYTES // mlp_bytes)
             if chunk < batch_size:
