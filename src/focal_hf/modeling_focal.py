@@ -545,10 +545,12 @@ def _register_cpu_gathered_attention():
     (1.4x Swin-T's training memory for Focal-T). As a custom op it is one opaque node for `torch.compile`: its
     gathers and loops are not re-generated as slower compiled kernels. Registered once per process (the same code
     may also be imported as Hub remote code)."""
-    if hasattr(torch.ops.focal_hf, "cpu_gathered_attention"):
-        return torch.ops.focal_hf.cpu_gathered_attention
-    forward = torch.library.custom_op("focal_hf::cpu_gathered_attention", mutates_args=())(_cpu_gathered_attention)
-    backward = torch.library.custom_op("focal_hf::cpu_gathered_attention_backward", mutates_args=())(
+    if hasattr(torch.ops.focal_transformer, "cpu_gathered_attention"):
+        return torch.ops.focal_transformer.cpu_gathered_attention
+    forward = torch.library.custom_op("focal_transformer::cpu_gathered_attention", mutates_args=())(
+        _cpu_gathered_attention
+    )
+    backward = torch.library.custom_op("focal_transformer::cpu_gathered_attention_backward", mutates_args=())(
         _cpu_gathered_attention_backward
     )
 
@@ -571,7 +573,7 @@ def _register_cpu_gathered_attention():
         return *grads, None, None, None
 
     forward.register_autograd(differentiate, setup_context=setup_context)
-    return torch.ops.focal_hf.cpu_gathered_attention
+    return torch.ops.focal_transformer.cpu_gathered_attention
 
 
 cpu_gathered_attention = _register_cpu_gathered_attention()
