@@ -735,10 +735,11 @@ class FocalAttentionBase(nn.Module):
     def attend(
         self, qkv: torch.Tensor, bias: torch.Tensor, layout: FocalKeyLayout, **kwargs: Unpack[TransformersKwargs]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention through the configured attention function, from the projected tokens `qkv`
-        `(batch, num_tokens + num_pooled, 3 * dim)`: the output `(batch * num_windows, window_size**2, num_heads,
-        head_dim)` and, if eager, the weights `(batch * num_windows, num_heads, window_size**2, num_keys)`."""
-        batch_size, _, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        """Attention through the configured attention function (eager, other devices, attention dropout), from the
+        projected tokens `qkv` `(batch, num_tokens + num_pooled, 3 * dim)`: the output `(batch * num_windows,
+        window_size**2, num_heads, head_dim)` and, if eager, the weights `(batch * num_windows, num_heads,
+        window_size**2, num_keys)`."""
+        batch_size, dim = qkv.shape[0], qkv.shape[2] // 3
         num_windows, window_area = layout.key_index.shape[0], bias.shape[2]
         query = qkv[:, : num_windows * window_area, :dim].reshape(-1, window_area, self.num_heads, self.head_dim)
         if bias.shape[0] == 1:  # the same for every window
