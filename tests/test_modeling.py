@@ -423,3 +423,20 @@ def test_focal_layout_merges_duplicate_keys_and_drops_pooled_keys_outside_the_ma
     assert [int((pooled_slots[window] < 49).sum()) for window in (0, 9, 27)] == [16, 25, 49]
     model_layout = FocalModel(official_config("focal-tiny")).encoder.layers[0].blocks[0].attention.layout
     assert model_layout.key_index.shape == (64, 224) and model_layout.num_padding_keys == 6  # padded to 16s
+
+
+@pytest.mark.parametrize("attention_type", ATTENTIONS)
+def test_inference_mode_then_training_at_any_size(attention_type):
+    model = make(FocalForImageClassification, attention_type)
+    odd = torch.randn(2, 3, 80, 48)  # its layouts are first built under inference mode
+    with torch.inference_mode():
+        first = model(odd).logits
+        at_config_size = model(torch.randn(1, 3, 64, 64)).logits
+    with torch.no_grad():
+        torch.testing.assert_close(model(odd).logits, first, atol=1e-6, rtol=0)
+    model.train()
+    model(odd, labels=torch.tensor([0, 1])).loss.backward()  # the same layouts serve autograd
+    assert torch.isfinite(at_config_size).all()
+    with torch.inference_mode():
+        built_inside = FocalForImageClassification(model.config).eval()  # inference tensors throughout
+        torch.testing.assert_close(built_inside(odd).logits, built_inside(odd).logits)

@@ -177,7 +177,9 @@ class FocalKeyLayout(nn.Module):
     def __init__(self, builder: Callable, *args):
         super().__init__()
         self.builder, self.args = builder, args
-        with torch.device("cpu"):  # real tensors even when the model is built on the meta device
+        # real tensors even when the model is built on the meta device, and usable by autograd even when first needed
+        # under `torch.inference_mode()`
+        with torch.device("cpu"), torch.inference_mode(False):
             tensors = self._build()
         self.num_padding_keys = tensors["key_index"].shape[1] - builder(*args)["key_index"].shape[1]
         self.names = [name for name, tensor in tensors.items() if tensor is not None]
@@ -208,7 +210,8 @@ class FocalKeyLayout(nn.Module):
 @functools.lru_cache(maxsize=256)
 def cached_key_layout(builder: Callable, args: tuple, device: torch.device) -> FocalKeyLayout:
     """The `FocalKeyLayout` of `builder(*args)` on `device`, built once per input size and kept."""
-    return FocalKeyLayout(builder, *args).to(device)
+    with torch.inference_mode(False):  # it outlives the current mode: normal tensors
+        return FocalKeyLayout(builder, *args).to(device)
 
 
 def merge_duplicate_offsets(offsets: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -683,6 +686,8 @@ class FocalAttentionBase(nn.Module):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.attention_bias(layout).to(dtype)
         tensors = [*self.parameters(), *self.buffers(), *layout.buffers()]
+        if any(tensor.is_inference() for tensor in tensors):  # made under inference mode: no version to compare
+            return self.attention_bias(layout).to(dtype)
         key = (layout, dtype, *((tensor.data_ptr(), tensor._version) for tensor in tensors))
         if self._cached_bias is None or self._cached_bias[0] != key:
             self._cached_bias = (key, self.attention_bias(layout).to(dtype))
