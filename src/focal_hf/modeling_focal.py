@@ -517,9 +517,11 @@ def _cpu_gathered_attention_backward(
     """Gradients of `qkv` and `bias`, recomputing each image's gathered keys and attention matrix."""
     (num_windows, num_keys), window_area, dim = key_index.shape, bias.shape[2], qkv.shape[-1] // 3
     compute_dtype = torch.promote_types(qkv.dtype, torch.float32)  # low precision: recompute in float32
-    grad_qkv = torch.zeros_like(qkv)
+    grad_qkv = torch.empty_like(qkv)
+    grad_qkv[:, num_windows * window_area :, :dim] = 0  # the pooled tokens' queries are not used
     grad_bias = torch.zeros_like(bias, dtype=compute_dtype)
     grad_rows = qkv.new_empty(num_windows, num_keys, 2, num_heads, dim // num_heads)
+    grad_key_value = qkv.new_empty(qkv.shape[1], 2 * dim)  # contiguous: index_add_ into a strided view is 4x slower
     for image in range(len(qkv)):
         rows = slice(image * num_windows, (image + 1) * num_windows)
         query, keys, values = (
@@ -536,7 +538,8 @@ def _cpu_gathered_attention_backward(
         grad_qkv[image, : num_windows * window_area, :dim].view(grad_query.shape).copy_(grad_query)
         grad_rows[:, :, 0] = torch.matmul(grad_scores.transpose(-1, -2), query).mul_(scaling).transpose(1, 2)
         grad_rows[:, :, 1] = torch.matmul(probs.transpose(-1, -2), image_grad).transpose(1, 2)
-        grad_qkv[image, :, dim:].index_add_(0, key_index.flatten(), grad_rows.view(num_windows * num_keys, -1))
+        grad_key_value.zero_().index_add_(0, key_index.flatten(), grad_rows.view(num_windows * num_keys, -1))
+        grad_qkv[image, :, dim:] = grad_key_value
     return grad_qkv, grad_bias.to(bias.dtype)
 
 
