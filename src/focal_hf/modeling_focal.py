@@ -180,16 +180,15 @@ class FocalKeyLayout(nn.Module):
         # real tensors even when the model is built on the meta device, and usable by autograd even when first needed
         # under `torch.inference_mode()`
         with torch.device("cpu"), torch.inference_mode(False):
+            self.num_padding_keys = -builder(*args)["key_index"].shape[1] % KEY_ALIGNMENT
             tensors = self._build()
-        self.num_padding_keys = tensors["key_index"].shape[1] - builder(*args)["key_index"].shape[1]
         self.names = [name for name, tensor in tensors.items() if tensor is not None]
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor, persistent=False)
 
     def _build(self) -> dict[str, torch.Tensor | None]:
         tensors = dict(self.builder(*self.args))
-        key_index = tensors["key_index"]
-        tensors["key_index"] = F.pad(key_index, (0, -key_index.shape[1] % KEY_ALIGNMENT))
+        tensors["key_index"] = F.pad(tensors["key_index"], (0, self.num_padding_keys))
         return tensors
 
     @property
@@ -471,12 +470,12 @@ def gather_key_values(
     return gathered.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _split_qkv(qkv: torch.Tensor, key_index: torch.Tensor, window_area: int, num_heads: int):
-    """One image's projected tokens `(num_tokens + num_pooled, 3 * dim)` -> its queries `(num_windows, num_heads,
-    window_area, head_dim)`, and each window's keys and values (gathered)."""
+def split_qkv(qkv: torch.Tensor, key_index: torch.Tensor, window_area: int, num_heads: int):
+    """Projected tokens `(..., num_tokens + num_pooled, 3 * dim)` (one image or a batch) -> the queries
+    `(batch * num_windows, num_heads, window_area, head_dim)`, and each window's keys and values (gathered)."""
     dim = qkv.shape[-1] // 3
-    query = qkv[: key_index.shape[0] * window_area, :dim].view(-1, window_area, num_heads, dim // num_heads)
-    return query.transpose(1, 2), *gather_key_values(qkv[:, dim:], key_index, num_heads)
+    query = qkv[..., : key_index.shape[0] * window_area, :dim].reshape(-1, window_area, num_heads, dim // num_heads)
+    return query.transpose(1, 2), *gather_key_values(qkv[..., dim:], key_index, num_heads)
 
 
 def _cpu_gathered_attention(
@@ -496,7 +495,7 @@ def _cpu_gathered_attention(
     for image, image_qkv in enumerate(qkv):
         rows = slice(image * num_windows, (image + 1) * num_windows)
         image_output, logsumexp[rows] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            *_split_qkv(image_qkv, key_index, window_area, num_heads),
+            *split_qkv(image_qkv, key_index, window_area, num_heads),
             attn_mask=bias.expand(num_windows, -1, -1, -1),
             scale=scaling,
         )
@@ -525,8 +524,7 @@ def _cpu_gathered_attention_backward(
     for image in range(len(qkv)):
         rows = slice(image * num_windows, (image + 1) * num_windows)
         query, keys, values = (
-            tensor.to(compute_dtype).contiguous()
-            for tensor in _split_qkv(qkv[image], key_index, window_area, num_heads)
+            tensor.to(compute_dtype).contiguous() for tensor in split_qkv(qkv[image], key_index, window_area, num_heads)
         )
         image_output, image_grad = (tensor[rows].transpose(1, 2).to(compute_dtype) for tensor in (output, grad_output))
         scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(scaling).add_(bias)
@@ -686,10 +684,9 @@ class FocalAttentionBase(nn.Module):
     def cached_attention_bias(self, layout: FocalKeyLayout, dtype: torch.dtype) -> torch.Tensor:
         """`attention_bias(layout)` in `dtype`. Without autograd (inference) the last one is kept and reused until the
         layout, or the storage or in-place version of a parameter or buffer it depends on, changes."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self.attention_bias(layout).to(dtype)
         tensors = [*self.parameters(), *self.buffers(), *layout.buffers()]
-        if any(tensor.is_inference() for tensor in tensors):  # made under inference mode: no version to compare
+        # (tensors made under inference mode have no version to compare)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
             return self.attention_bias(layout).to(dtype)
         key = (layout, dtype, *((tensor.data_ptr(), tensor._version) for tensor in tensors))
         if self._cached_bias is None or self._cached_bias[0] != key:
@@ -747,9 +744,8 @@ class FocalAttentionBase(nn.Module):
         projected tokens `qkv` `(batch, num_tokens + num_pooled, 3 * dim)`: the output `(batch * num_windows,
         window_size**2, num_heads, head_dim)` and, if eager, the weights `(batch * num_windows, num_heads,
         window_size**2, num_keys)`."""
-        batch_size, dim = qkv.shape[0], qkv.shape[2] // 3
-        num_windows, window_area = layout.key_index.shape[0], bias.shape[2]
-        query = qkv[:, : num_windows * window_area, :dim].reshape(-1, window_area, self.num_heads, self.head_dim)
+        query, key, value = split_qkv(qkv, layout.key_index, bias.shape[2], self.num_heads)
+        batch_size = qkv.shape[0]
         if bias.shape[0] == 1:  # the same for every window
             bias = bias.expand(query.shape[0], -1, -1, -1)
         elif batch_size > 1:
@@ -759,8 +755,9 @@ class FocalAttentionBase(nn.Module):
         )
         return attention_interface(
             self,
-            query.transpose(1, 2),
-            *gather_key_values(qkv[..., dim:], layout.key_index, self.num_heads),
+            query,
+            key,
+            value,
             bias,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
