@@ -21,7 +21,7 @@ from focal_hf import (
     modeling_focal,
     official_config,
 )
-from focal_hf.modeling_focal import cached_key_layout, focal_key_layout, neighbor_offsets
+from focal_hf.modeling_focal import cached_key_layout, fine_keys, focal_key_layout, neighbor_slots
 
 ATTENTIONS = ["focal", "focal_fast"]
 # non-square, not multiples of 32 or of the window, down to the 32 px minimum
@@ -138,14 +138,13 @@ def test_any_input_size_with_options(overrides):
 def test_key_layouts_are_built_once_per_size(attention_type):
     model = make(FocalModel, attention_type)
     with torch.no_grad():
-        misses = cached_key_layout.cache_info().misses
-        model(torch.randn(1, 3, 64, 64))  # the configured size: layouts held by the model
-        assert cached_key_layout.cache_info().misses == misses
         model(torch.randn(1, 3, 80, 48))
         misses = cached_key_layout.cache_info().misses
         model(torch.randn(1, 3, 80, 48))
         model(torch.randn(2, 3, 80, 48))
-    assert cached_key_layout.cache_info().misses == misses
+        assert cached_key_layout.cache_info().misses == misses
+        model(torch.randn(1, 3, 96, 48))  # another size: its own layouts
+    assert cached_key_layout.cache_info().misses > misses
 
 
 @pytest.mark.parametrize(
@@ -229,16 +228,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(attention_type):
         torch.testing.assert_close(checkpointed[name], reference[name], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attn_implementation", ["focal_sdpa", "sdpa"])
 @pytest.mark.parametrize(
     "attention_type, overrides",
     [("focal", {}), ("focal_fast", {}), ("focal", {"use_shift": True, "depths": [2, 1, 2, 1], "focal_pool": "none"})],
 )
-def test_sdpa_equals_eager(attention_type, overrides):
-    # on CPU, SDPA runs `cpu_gathered_attention` (fused kernel forward, own backward): same values, same gradients
+def test_sdpa_equals_eager(attention_type, overrides, attn_implementation):
+    # on CPU, focal_sdpa runs `cpu_gathered_attention` (fused kernel forward, own backward), sdpa torch's SDPA with
+    # the windows folded into the heads: both give the eager values and gradients
     eager = make(FocalForImageClassification, attention_type, attn_implementation="eager", **overrides).train()
-    sdpa = make(FocalForImageClassification, attention_type, attn_implementation="sdpa", **overrides).train()
+    sdpa = make(FocalForImageClassification, attention_type, attn_implementation=attn_implementation, **overrides)
     sdpa.load_state_dict(eager.state_dict())
-    assert sdpa.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
+    assert sdpa.config._attn_implementation == attn_implementation and eager.config._attn_implementation == "eager"
     pixel_values, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 4])
     with torch.no_grad():
         torch.testing.assert_close(
@@ -266,13 +267,13 @@ def test_bfloat16_training_step_on_cpu():
     assert torch.nn.functional.cosine_similarity(flat, flat_reference, dim=0) > 0.98
 
 
-def test_inference_bias_cache_follows_parameters_and_dtype():
+def test_outputs_follow_in_place_parameter_changes_and_dtype():
     model = make(FocalForImageClassification)
     pixel_values = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         before = model(pixel_values).logits
         table = model.focal.encoder.layers[0].blocks[0].attention.relative_position_bias_table
-        table.copy_(3 * torch.randn_like(table))  # in place: the cached bias must not be reused
+        table.copy_(3 * torch.randn_like(table))  # in place: nothing computed from the old table may be reused
         after = model(pixel_values).logits
         fresh = FocalForImageClassification(model.config).eval()
         fresh.load_state_dict(model.state_dict())
@@ -281,12 +282,11 @@ def test_inference_bias_cache_follows_parameters_and_dtype():
         as_double = model.double()(pixel_values.double()).logits
     assert as_double.dtype == torch.float64
     torch.testing.assert_close(as_double.float(), after, atol=1e-5, rtol=0)
-    with torch.enable_grad():  # with autograd the bias is computed afresh, and it is differentiable
-        model(pixel_values.double()).logits.sum().backward()
+    model(pixel_values.double()).logits.sum().backward()  # the bias is differentiable
     assert table.grad is not None and table.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn_implementation", ["eager", "focal_sdpa"])
 def test_cpu_chunking_gives_the_same_outputs(monkeypatch, attn_implementation):
     # without autograd on CPU, blocks run a few images at a time (here, with a tiny budget, one)
     model = make(FocalForImageClassification, attn_implementation=attn_implementation)
@@ -308,8 +308,9 @@ def test_cpu_chunking_gives_the_same_outputs(monkeypatch, attn_implementation):
     assert len(calls) == 2 + 3
 
 
-def test_sdpa_is_the_default():
-    assert FocalModel(tiny_config()).config._attn_implementation == "sdpa"
+def test_focal_sdpa_is_the_default():
+    assert FocalModel(tiny_config()).config._attn_implementation == "focal_sdpa"
+    assert make(FocalModel, attn_implementation="sdpa").config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("attention_type", ATTENTIONS)
@@ -395,37 +396,34 @@ def test_torch_compile_has_no_graph_breaks(attention_type):
         torch.testing.assert_close(compiled(pixel_values).logits, model(pixel_values).logits, atol=1e-5, rtol=0)
 
 
-def test_layouts_follow_the_model_to_its_dtype_and_device():
-    model = make(FocalModel, use_shift=True, depths=[2, 1, 2, 1]).to(torch.bfloat16)
-    layouts = [block.attention.layout for stage in model.encoder.layers for block in stage.blocks]
-    layout = next(layout for layout in layouts if layout.key_mask is not None)  # a shifted block's
-    assert layout.key_mask.dtype == torch.bfloat16 and layout.key_index.dtype == torch.long
-    assert not any("layout" in name for name in model.state_dict())  # recomputed, never saved
-
-
-def test_focal_layout_merges_duplicate_keys_and_drops_pooled_keys_outside_the_map():
+def test_focal_layout_merges_duplicate_keys_and_masks_pooled_keys_outside_the_map():
     # Focal-T's first stage: 56x56 tokens, windows of 7, expand size 3, one pooled level with a 7x7 neighbourhood
     geometry = official_config("focal-tiny").block_geometry(0, 0)
-    layout = focal_key_layout(56, 56, geometry)
-    key_index, fine_slots, pooled_slots = layout["key_index"], layout["fine_slots"], layout["pooled_slots"]
-    # 132 official surrounding slots reach 120 distinct tokens: 12 are reached by two shifted windows
-    num_neighbors = len(neighbor_offsets(7, 3))
-    assert num_neighbors == 132 and fine_slots.shape == (49 + 120, 2)
-    assert ((fine_slots < 49 + num_neighbors).sum(1) == 2).sum() == 12
-    assert sorted(fine_slots[fine_slots < 49 + num_neighbors].tolist()) == list(range(49 + num_neighbors))
-    # every window attends distinct tokens: its 13x13 neighbourhood, then its pooled tokens inside the 8x8 map
-    assert key_index.shape == (64, 49 + 120 + 49) and layout["key_mask"] is None
+    offsets, slots = fine_keys(geometry)
+    # 132 official surrounding slots reach 120 distinct offsets: 12 are reached by two shifted windows
+    assert len(neighbor_slots(7, 3)) == 132 and len(offsets) == len(slots) == 49 + 120
+    assert sum(len(group) == 2 for group in slots) == 12
+    assert sorted(slot for group in slots for slot in group) == list(range(49 + 132))
+    layout = focal_key_layout(56, 56, geometry, torch.device("cpu"))
+    # 49 own + 120 surrounding + 49 pooled keys, padded to 224 (a multiple of 16)
+    assert layout.key_index.shape == (64, 224) and layout.key_mask.shape == (64, 1, 224)
+    assert torch.isneginf(layout.key_mask[:, 0, 218:]).all() and not layout.key_mask[:, 0, :169].any()
     pooled_start = 56 * 56
     for window in (0, 9, 27, 63):
-        fine = key_index[window, : 49 + 120]
+        fine = layout.key_index[window, :169]
         assert len(set(fine.tolist())) == 169 and (fine < pooled_start).all()
-        valid = pooled_slots[window] < 49
-        pooled = key_index[window, 169:][valid]
+        valid = torch.isfinite(layout.key_mask[window, 0, 169:218])
+        pooled = layout.key_index[window, 169:218][valid]
         assert len(set(pooled.tolist())) == int(valid.sum()) and (pooled >= pooled_start).all()
     # windows (0, 0), (1, 1), (3, 3) see 4x4, 5x5 and all 7x7 of their neighbourhood on the 8x8 pooled map
-    assert [int((pooled_slots[window] < 49).sum()) for window in (0, 9, 27)] == [16, 25, 49]
-    model_layout = FocalModel(official_config("focal-tiny")).encoder.layers[0].blocks[0].attention.layout
-    assert model_layout.key_index.shape == (64, 224) and model_layout.num_padding_keys == 6  # padded to 16s
+    assert [int(torch.isfinite(layout.key_mask[w, 0, 169:218]).sum()) for w in (0, 9, 27)] == [16, 25, 49]
+    # a shifted block: -100 between tokens of different regions, on the own keys only
+    shifted = official_config("focal-tiny", use_shift=True).block_geometry(0, 1)
+    mask = focal_key_layout(56, 56, shifted, torch.device("cpu")).key_mask
+    assert mask.shape == (64, 49, 224) and set(mask[:, :, :49].unique().tolist()) == {0.0, -100.0}
+    inner = [window for window in range(64) if window // 8 < 7 and window % 8 < 7]  # away from the shifted seams
+    assert not mask[:, :, 49:169].any() and not mask[inner, :, :49].any() and mask[63, :, :49].any()
+    assert not any("index" in name or "slots" in name for name in FocalModel(tiny_config()).state_dict())
 
 
 @pytest.mark.parametrize("attention_type", ATTENTIONS)

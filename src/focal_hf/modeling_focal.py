@@ -6,19 +6,17 @@ Each block attends, from every window of `window_size**2` query tokens,
 2. the fine-grained tokens around the window, up to `expand_size` away ("expanded" window), and
 3. for each further focal level, the tokens of a map where sub-windows are pooled into one token, in a
    neighbourhood of windows around it (coarse-grained).
-All keys of a window are gathered with one precomputed index map per input size from one projection of the tokens
-(the fine ones window by window, then the pooled ones), and the position biases and masks are combined into one
-additive attention bias, so the attention itself is a plain (eager or SDPA) call. The keys are fewer than the
-official code's at identical outputs: a surrounding token that two shifted windows both reach is one key with the
-log-sum-exp of both biases, and pooled tokens outside the map (official: masked zero tokens) are left out. On CPU the
-SDPA path runs the custom op `cpu_gathered_attention`: the fused kernel one image at a time, and a backward pass
-that recomputes rather than stores the gathered keys and attention matrices.
+Each window gathers its keys and values from one projection of the tokens (the fine ones window by window, then the
+pooled ones) by a key layout: index maps and masks computed from the feature-map size with tensor operations, so
+they trace for symbolic sizes (`torch.export`, `torch.compile(dynamic=True)`) and are built once per size in eager
+mode. The position biases and masks form one additive attention bias, so the attention itself is one call of an
+attention function of transformers' `AttentionInterface`: `"focal_sdpa"` (the default, `focal_sdpa_attention`),
+`"sdpa"`, `"eager"` or any registered one.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +28,7 @@ from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface, PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, auto_docstring
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
@@ -103,15 +101,48 @@ class FocalImageClassifierOutput(ModelOutput):
     reshaped_hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
-# ------------------------------------------------------------------------------------------ window geometry
-def _grid(height: int, width: int) -> torch.Tensor:
+# ---------------------------------------------------------------------------------------------- window geometry
+# Everything that depends on the feature-map size is computed here with tensor operations on its height and width,
+# which may be symbolic: `torch.export` and `torch.compile(dynamic=True)` trace one program for every size. Static
+# structure (which offsets a window attends) is plain Python on the block's geometry.
+
+
+def known_zero(*sizes) -> bool:
+    """Whether every size is the int 0; a symbolic size (traced for any input size) never is."""
+    return all(isinstance(size, int) and size == 0 for size in sizes)
+
+
+def ceil_div(size, divisor: int):
+    """`ceil(size / divisor)` for ints and symbolic sizes."""
+    return (size + divisor - 1) // divisor
+
+
+def grid_coordinates(height, width, device: torch.device | None = None) -> torch.Tensor:
     """Row-major coordinates `(2, height * width)` of a `height x width` grid."""
-    return torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")).flatten(1)
+    rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
+    return torch.stack(torch.meshgrid(rows, cols, indexing="ij")).flatten(1)
 
 
-def window_order(rows: torch.Tensor, cols: torch.Tensor, window_size: int, grid_w: int) -> torch.Tensor:
-    """Position of the tokens at (`rows`, `cols`) of a map of `grid_w` windows per row, when its tokens are listed
-    window by window (windows row-major, tokens row-major within each): the order of the attention's key source."""
+def window_partition(hidden_states: torch.Tensor, window_size: int) -> torch.Tensor:
+    """`(batch_size, height, width, channels)` (sides multiples of `window_size`) -> its tokens window by window
+    `(batch_size, num_windows * window_size**2, channels)`: windows row-major, tokens row-major within each."""
+    batch_size, height, width, channels = hidden_states.shape
+    windows = hidden_states.view(
+        batch_size, height // window_size, window_size, width // window_size, window_size, channels
+    )
+    return windows.transpose(2, 3).reshape(batch_size, -1, channels)
+
+
+def window_reverse(windows: torch.Tensor, window_size: int, height, width) -> torch.Tensor:
+    """Inverse of `window_partition`: `(batch_size, num_windows * window_size**2, channels)` ->
+    `(batch_size, height, width, channels)`."""
+    batch_size, _, channels = windows.shape
+    windows = windows.view(batch_size, height // window_size, width // window_size, window_size, window_size, channels)
+    return windows.transpose(2, 3).reshape(batch_size, height, width, channels)
+
+
+def window_order(rows: torch.Tensor, cols: torch.Tensor, window_size: int, grid_w) -> torch.Tensor:
+    """Position in `window_partition` order of the tokens at (`rows`, `cols`) of a map `grid_w` windows wide."""
     windows = (rows // window_size) * grid_w + cols // window_size
     return windows * window_size**2 + (rows % window_size) * window_size + cols % window_size
 
@@ -119,28 +150,49 @@ def window_order(rows: torch.Tensor, cols: torch.Tensor, window_size: int, grid_
 def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
     """Index `(query_size**2, key_size**2)` into a `((query_size + key_size - 1) ** 2)` bias table, for a
     `query_size` window and a `key_size` grid of keys both anchored at their top-left corners."""
-    relative = (
-        _grid(query_size, query_size)[:, :, None] - _grid(key_size, key_size)[:, None, :] + (key_size - 1)
-    )  # 2, Nq, Nk, both in [0, q + k - 2]
+    queries, keys = grid_coordinates(query_size, query_size), grid_coordinates(key_size, key_size)
+    relative = queries[:, :, None] - keys[:, None, :] + (key_size - 1)  # 2, Nq, Nk, both in [0, q + k - 2]
     return relative[0] * (query_size + key_size - 1) + relative[1]
 
 
-def neighbor_offsets(window_size: int, expand_size: int) -> torch.Tensor:
-    """Offsets `(num_neighbors, 2)` from a window's top-left token to the tokens around it that a window with
-    `expand_size` attends, in the official order: the four windows shifted diagonally by `expand_size`
-    (towards bottom-right, bottom-left, top-right, top-left), each without the part inside the window."""
-    rows, cols = torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij")
-    offsets = []
+def neighbor_slots(window_size: int, expand_size: int) -> list[tuple[int, int]]:
+    """Offsets from a window's top-left token to the tokens around it that a window with `expand_size` attends, one
+    per official key slot and in the official order: the four windows shifted diagonally by `expand_size` (towards
+    bottom-right, bottom-left, top-right, top-left), each without the part inside the window."""
+    slots = []
     for d_row, d_col in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
-        inside_rows = rows < window_size - expand_size if d_row > 0 else rows >= expand_size
-        inside_cols = cols < window_size - expand_size if d_col > 0 else cols >= expand_size
-        outside = ~(inside_rows & inside_cols)
-        offsets.append(torch.stack((rows + d_row * expand_size, cols + d_col * expand_size), -1)[outside])
-    return torch.cat(offsets)
+        for row in range(window_size):
+            for col in range(window_size):
+                inside_row = row < window_size - expand_size if d_row > 0 else row >= expand_size
+                inside_col = col < window_size - expand_size if d_col > 0 else col >= expand_size
+                if not (inside_row and inside_col):
+                    slots.append((row + d_row * expand_size, col + d_col * expand_size))
+    return slots
+
+
+def fine_keys(geometry: FocalBlockGeometry) -> tuple[list[tuple[int, int]], list[list[int]]]:
+    """The fine-grained keys of a focal window: their offsets from its top-left token (its own tokens, then each
+    distinct surrounding offset in order of first appearance) and, for each key, the official slots it stands for
+    (own tokens: slots `0..window_size**2-1`, surrounding slots after them). Two shifted windows overlap outside the
+    window, so some surrounding offsets fill two slots: one key then carries both slots' weights (see
+    `FocalSelfAttention.position_bias`)."""
+    window_size = geometry.window_size
+    offsets = [(row, col) for row in range(window_size) for col in range(window_size)]
+    slots = [[slot] for slot in range(len(offsets))]
+    if geometry.has_neighbors:
+        first: dict[tuple[int, int], int] = {}
+        for slot, offset in enumerate(neighbor_slots(window_size, geometry.expand_size), start=len(offsets)):
+            if offset in first:
+                slots[first[offset]].append(slot)
+            else:
+                first[offset] = len(offsets)
+                offsets.append(offset)
+                slots.append([slot])
+    return offsets, slots
 
 
 def pooled_neighborhood(focal_window: int, level: int) -> tuple[int, torch.Tensor]:
-    """Size and `(num_keys, 2)` offsets of the neighbourhood of pooled tokens a window attends at pooled level
+    """Side and `(side**2, 2)` offsets of the neighbourhood of pooled tokens a window attends at pooled level
     `level`, relative to the window's own position on that level's map (official unfold, valid part only)."""
     stride = 2**level
     kernel = 2 * (focal_window // 2) + 2 * stride - 1
@@ -150,198 +202,160 @@ def pooled_neighborhood(focal_window: int, level: int) -> tuple[int, torch.Tenso
     return kernel - first, torch.stack((rows, cols), -1).flatten(0, 1)
 
 
-def shift_window_mask(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor:
-    """Swin's shifted-window mask `(num_windows, window_size**2, window_size**2)`: 0 within a region, -100 across."""
+def pad_keys(key_index: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad each window's keys with masked (-inf) copies of row 0 to a multiple of `KEY_ALIGNMENT` keys: attention
+    kernels then run without vector tails."""
+    padding = -key_index.shape[-1] % KEY_ALIGNMENT
+    return F.pad(key_index, (0, padding)), F.pad(key_mask, (0, padding), value=float("-inf"))
+
+
+@dataclass
+class FocalKeyLayout:
+    """Where the keys of every window of a focal-attention block come from, on one map (`focal_key_layout`).
+
+    key_index (`(num_windows, num_keys)`): rows of the attention's token source (the padded, shifted map in
+        `window_partition` order, then each pooled map row-major): the window's own tokens, its distinct surrounding
+        tokens (`fine_keys`; taken with the official `torch.roll` wrap-around), then its neighbourhood on each pooled
+        map in official order; padded to a multiple of `KEY_ALIGNMENT`.
+    key_mask (`(num_windows, window_size**2 or 1, num_keys)`): added to the attention logits: -100 across
+        shifted-window regions on the own tokens (as the official code), -inf on pooled slots outside the map (the
+        official code attends zero tokens there at -100, a weight below float precision) and on padding keys. It has
+        a row per query only in shifted blocks.
+    """
+
+    key_index: torch.Tensor
+    key_mask: torch.Tensor
+
+
+def shift_window_mask(height, width, window_size: int, shift_size: int, device: torch.device) -> torch.Tensor:
+    """Swin's shifted-window mask `(num_windows, window_size**2, window_size**2)` on the padded, shifted map: 0
+    within a region, -100 across."""
 
     def regions(size):
-        index = torch.arange(size)
+        index = torch.arange(size, device=device)
         return (index >= size - window_size).long() + (index >= size - shift_size).long()
 
     labels = regions(height)[:, None] * 3 + regions(width)[None, :]
-    labels = labels.view(height // window_size, window_size, width // window_size, window_size)
-    labels = labels.transpose(1, 2).reshape(-1, window_size * window_size)  # num_windows, window_size**2
+    labels = window_partition(labels[None, :, :, None], window_size).view(-1, window_size * window_size)
     return (labels[:, None, :] != labels[:, :, None]).float() * MASK_VALUE
 
 
-class FocalKeyLayout(nn.Module):
-    """Where each window's keys come from, for one input size: non-persistent buffers, so the layout moves with
-    the model (`.to(device)`) and `torch.compile` sees constants. Each attention holds the layout of the configured
-    image size; other sizes come from `cached_key_layout`.
-
-    key_index (`(num_windows, num_keys)`): index into the attention's tokens, the padded fine-grained map window by
-        window (`window_order`) followed by each pooled map. `num_keys` is padded to a multiple of `KEY_ALIGNMENT`
-        with token 0, which the attention bias masks out (`num_padding_keys`).
-    The other buffers say how to build each key's bias; they depend on the attention (see its layout builder).
-    """
-
-    def __init__(self, builder: Callable, *args):
-        super().__init__()
-        self.builder, self.args = builder, args
-        # real tensors even when the model is built on the meta device, and usable by autograd even when first needed
-        # under `torch.inference_mode()`
-        with torch.device("cpu"), torch.inference_mode(False):
-            self.num_padding_keys = -builder(*args)["key_index"].shape[1] % KEY_ALIGNMENT
-            tensors = self._build()
-        self.names = [name for name, tensor in tensors.items() if tensor is not None]
-        for name, tensor in tensors.items():
-            self.register_buffer(name, tensor, persistent=False)
-
-    def _build(self) -> dict[str, torch.Tensor | None]:
-        tensors = dict(self.builder(*self.args))
-        tensors["key_index"] = F.pad(tensors["key_index"], (0, self.num_padding_keys))
-        return tensors
-
-    @property
-    def distinct_coords(self) -> list[torch.Tensor]:
-        return [getattr(self, name) for name in self.names if name.startswith("distinct_coords_")]
-
-    def pad_bias(self, bias: torch.Tensor) -> torch.Tensor:
-        """`bias` `(..., num_real_keys)` with the padding keys masked out: `(..., num_keys)`."""
-        return F.pad(bias, (0, self.num_padding_keys), value=float("-inf")) if self.num_padding_keys else bias
-
-    def reset(self) -> None:
-        """Recompute the buffers (`from_pretrained` builds models on the meta device)."""
-        tensors = self._build()
-        for name in self.names:
-            init.copy_(getattr(self, name), tensors[name])
-
-
-@functools.lru_cache(maxsize=256)
-def cached_key_layout(builder: Callable, args: tuple, device: torch.device) -> FocalKeyLayout:
-    """The `FocalKeyLayout` of `builder(*args)` on `device`, built once per input size and kept."""
-    with torch.inference_mode(False):  # it outlives the current mode: normal tensors
-        return FocalKeyLayout(builder, *args).to(device)
-
-
-def merge_duplicate_offsets(offsets: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Offsets `(n, 2)` that reach the same token of a `height x width` map once `torch.roll` wraps them around,
-    grouped: the distinct offsets `(d, 2)` and, for each, the indices `(d, m)` of the offsets it stands for (`n` pads
-    groups smaller than the largest)."""
-    codes = (offsets[:, 0] % height) * width + offsets[:, 1] % width
-    _, group = torch.unique(codes, return_inverse=True)
-    counts = torch.bincount(group)
-    members = torch.full((len(counts), int(counts.max())), len(offsets))
-    order = torch.argsort(group, stable=True)
-    members[group[order], torch.arange(len(order)) - (counts.cumsum(0) - counts)[group[order]]] = order
-    return offsets[members[:, 0]], members
-
-
-@functools.lru_cache(maxsize=256)
-def focal_key_layout(height: int, width: int, geometry: FocalBlockGeometry) -> dict[str, torch.Tensor | None]:
-    """`FocalKeyLayout` tensors of a focal-attention block with `geometry` on a `height x width` map (padded to whole
-    windows). Cached: blocks of one geometry share them.
-
-    The official keys of a window, its "slots", are its own tokens, then its surrounding tokens (the parts of four
-    diagonally shifted windows outside it, `torch.roll` wrapping around) and a neighbourhood of tokens on each pooled
-    map (zero tokens masked with -100 outside the map). We attend the same thing with fewer keys:
-    - a surrounding token that two shifted windows both reach is one key whose bias is the log-sum-exp of the two
-      slots' biases (`exp(s + a) + exp(s + b) = exp(s + log(exp(a) + exp(b)))`);
-    - pooled slots outside the map are dropped (the official weight of a masked zero token, `exp(-100)` relative,
-      is below float precision); each window keeps its valid ones in official order, padded with masked keys to
-      the largest count.
-
-    key_index (`(num_windows, num_keys)`): the window's own tokens, the distinct surrounding tokens, its pooled tokens.
-    fine_slots (`(num_own + num_distinct, m)`): the fine slots (own, then surrounding) each fine key stands for;
-        `num_fine_slots` pads.
-    pooled_slots (`(num_windows, num_pooled)`): the pooled slot (over all levels, official order) of each pooled key;
-        `num_pooled_slots` for padding.
-    key_mask (`(num_windows, window_size**2, num_keys)`): the shifted-window mask (-100 across regions) on the own
-        tokens, or `None` without shift.
-    """
+def focal_key_layout(height, width, geometry: FocalBlockGeometry, device: torch.device) -> FocalKeyLayout:
+    """The `FocalKeyLayout` of a focal-attention block with `geometry` on a `height x width` map (before padding
+    to whole windows)."""
     window_size = geometry.window_size
-    window_area = window_size * window_size
-    grid_h, grid_w = -(-height // window_size), -(-width // window_size)
-    height, width = grid_h * window_size, grid_w * window_size
-    window_rows, window_cols = _grid(grid_h, grid_w)  # position of each window on the window grid
+    grid_h, grid_w = ceil_div(height, window_size), ceil_div(width, window_size)
+    padded_h, padded_w = grid_h * window_size, grid_w * window_size
+    windows = grid_coordinates(grid_h, grid_w, device)  # 2, num_windows
 
-    # fine level: own tokens (never merged: they carry the shift mask), then the distinct surrounding ones
-    own = _grid(window_size, window_size).T
-    fine_offsets, fine_slots = own, torch.arange(window_area)[:, None]
-    if geometry.has_neighbors:
-        offsets = neighbor_offsets(window_size, geometry.expand_size)
-        neighbors, members = merge_duplicate_offsets(offsets, height, width)
-        padding_slot = window_area + len(offsets)
-        members = torch.where(members < len(offsets), members + window_area, padding_slot)
-        fine_offsets = torch.cat((own, neighbors))
-        fine_slots = torch.cat((F.pad(fine_slots, (0, members.shape[1] - 1), value=padding_slot), members))
-    token_rows = (window_rows[:, None] * window_size + fine_offsets[None, :, 0]) % height
-    token_cols = (window_cols[:, None] * window_size + fine_offsets[None, :, 1]) % width
-    fine_index = window_order(token_rows, token_cols, window_size, grid_w)
+    offsets = torch.tensor(fine_keys(geometry)[0], device=device)  # num_fine, 2
+    rows = (windows[0][:, None] * window_size + offsets[None, :, 0]) % padded_h
+    cols = (windows[1][:, None] * window_size + offsets[None, :, 1]) % padded_w
+    key_index = [window_order(rows, cols, window_size, grid_w)]
+    num_windows, num_fine = key_index[0].shape
+    if geometry.shift_size > 0:
+        fine_mask = F.pad(
+            shift_window_mask(padded_h, padded_w, window_size, geometry.shift_size, device),
+            (0, num_fine - window_size**2),
+        )
+    else:
+        fine_mask = torch.zeros(1, 1, num_fine, device=device).expand(num_windows, -1, -1)
+    key_mask = [fine_mask]
 
-    # pooled levels: a neighbourhood around the window on each pooled map; keep the valid tokens, in official order
-    pooled_index, pooled_valid = [], []
-    start = height * width
+    start = padded_h * padded_w
     for level in range(geometry.num_pooled_levels):
         stride, map_h, map_w = 2**level, grid_h * 2**level, grid_w * 2**level
-        _, pooled_offsets = pooled_neighborhood(geometry.focal_window, level)
-        pooled_rows = window_rows[:, None] * stride + pooled_offsets[None, :, 0]
-        pooled_cols = window_cols[:, None] * stride + pooled_offsets[None, :, 1]
-        pooled_valid.append((pooled_rows >= 0) & (pooled_rows < map_h) & (pooled_cols >= 0) & (pooled_cols < map_w))
-        pooled_index.append(start + pooled_rows.clamp(0, map_h - 1) * map_w + pooled_cols.clamp(0, map_w - 1))
-        start += map_h * map_w
-    pooled_index = torch.cat(pooled_index, dim=1) if pooled_index else fine_index[:, :0]
-    valid = torch.cat(pooled_valid, dim=1) if pooled_valid else pooled_index.bool()
-    num_pooled = int(valid.sum(1).max())
-    order = torch.argsort((~valid).byte(), dim=1, stable=True)[:, :num_pooled]  # valid slots first
-    kept = valid.gather(1, order)
-    pooled_slots = torch.where(kept, order, valid.shape[1])
-    key_index = torch.cat((fine_index, torch.where(kept, pooled_index.gather(1, order), 0)), dim=1)
+        pooled_offsets = pooled_neighborhood(geometry.focal_window, level)[1].to(device)
+        rows = windows[0][:, None] * stride + pooled_offsets[None, :, 0]
+        cols = windows[1][:, None] * stride + pooled_offsets[None, :, 1]
+        inside = (rows >= 0) & (rows < map_h) & (cols >= 0) & (cols < map_w)
+        key_index.append(torch.where(inside, start + rows * map_w + cols, 0))
+        mask = torch.where(inside, 0.0, float("-inf"))[:, None, :]
+        key_mask.append(mask.expand(-1, fine_mask.shape[1], -1))
+        start = start + map_h * map_w
+    return FocalKeyLayout(*pad_keys(torch.cat(key_index, dim=1), torch.cat(key_mask, dim=2)))
 
-    key_mask = None
-    if geometry.shift_size > 0:
-        key_mask = torch.zeros(len(window_rows), window_area, key_index.shape[1])
-        key_mask[:, :, :window_area] = shift_window_mask(height, width, window_size, geometry.shift_size)
-    return {"key_index": key_index, "key_mask": key_mask, "fine_slots": fine_slots, "pooled_slots": pooled_slots}
+
+@dataclass
+class FocalFastKeyLayout:
+    """Where the keys of every window of a Focal-fast block come from, on one map (`focal_fast_key_layout`).
+
+    key_index (`(num_windows, num_keys)`): rows of the attention's token source: for each focal level the
+        `focal_topk` tokens nearest to the window (fewer if the level's map has fewer), padded to a multiple of
+        `KEY_ALIGNMENT`.
+    coords (`(num_coords, 2)`): every query-to-key offset (in tokens) that can occur on this map, a dense grid:
+        each level's position MLP is evaluated on it once.
+    coord_index (`list` of `(num_windows, window_size**2, num_level_keys)`, one per level): for each (window,
+        query, key) of the level, the row of `coords` that holds its offset.
+    key_mask (`(num_windows, 1, num_keys)`): -inf on the padding keys, 0 elsewhere.
+    """
+
+    key_index: torch.Tensor
+    coords: torch.Tensor
+    coord_index: list[torch.Tensor]
+    key_mask: torch.Tensor
 
 
 def nearest_tokens(queries: torch.Tensor, keys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each query position `(2, num_queries)`, the `topk` nearest key positions `(2, num_keys)` (Euclidean, ties
     broken by `torch.topk` as in the official code): their indices `(num_queries, k)` and the query-minus-key
-    coordinates `(num_queries, k, 2)`."""
+    offsets `(2, num_queries, k)`."""
     relative = queries[:, :, None] - keys[:, None, :]
     distances = torch.sqrt(relative[0].float() ** 2 + relative[1].float() ** 2)
-    _, index = torch.topk(-distances, min(topk, keys.shape[1]), dim=1)
-    return index, torch.gather(relative, 2, index[None].expand(2, -1, -1)).permute(1, 2, 0).float()
+    _, index = torch.topk(-distances, torch.sym_min(topk, keys.shape[1]), dim=1)
+    return index, torch.gather(relative, 2, index[None].expand(2, -1, -1))
 
 
-@functools.lru_cache(maxsize=256)
 def focal_fast_key_layout(
-    height: int, width: int, window_size: int, focal_level: int, topk: int
-) -> dict[str, torch.Tensor]:
-    """`FocalKeyLayout` tensors of a Focal-fast block on a `height x width` map (padded to whole windows): key_index
-    `(num_windows, num_keys)`, coord_index `(num_windows, window_size**2, num_keys)` (which distinct query-to-key
-    coordinate applies to each (window, query, key), counting through the levels in order) and
-    `distinct_coords_{level}` `(num_distinct, 2)`.
+    height, width, window_size: int, focal_level: int, topk: int, device: torch.device
+) -> FocalFastKeyLayout:
+    """The `FocalFastKeyLayout` of a Focal-fast block on a `height x width` map (before padding to whole windows).
 
-    Level 0: the `topk` tokens of the map nearest to each window's centre. Level `l` >= 1: the `topk` windows
-    nearest to the window on the window grid, read from pooled map `l` as the official code does (for `l` >= 2 it
-    indexes that finer map with window-grid indices). Relative coordinates are in tokens (windows scaled by the
-    window size) and are offset by each query's position in its window.
+    Level 0: the `topk` real tokens nearest to each window's centre. Level `l` >= 1: the `topk` windows nearest to
+    the window on the window grid, read from pooled map `l` as the official code does (for `l` >= 2 it indexes that
+    finer map with window-grid indices). Offsets are in tokens (windows scaled by the window size) and include each
+    query's position in its window.
     """
-    grid_h, grid_w = -(-height // window_size), -(-width // window_size)
-    windows = _grid(grid_h, grid_w)
-    in_window = _grid(window_size, window_size).T - window_size // 2  # query offsets from the window centre
-    indices, coord_indices, distinct_coords = [], [], []
-    start = grid_h * grid_w * window_size**2
+    grid_h, grid_w = ceil_div(height, window_size), ceil_div(width, window_size)
+    padded_h, padded_w = grid_h * window_size, grid_w * window_size
+    windows = grid_coordinates(grid_h, grid_w, device)
+    in_window = grid_coordinates(window_size, window_size, device) - window_size // 2  # query offsets from the centre
+    # every query-to-key offset lies in [-padded_h, padded_h] x [-padded_w, padded_w]: number them row-major
+    rows = torch.arange(-padded_h, padded_h + 1, device=device)
+    cols = torch.arange(-padded_w, padded_w + 1, device=device)
+    coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).flatten(0, 1).float()
+
+    key_index, coord_index = [], []
+    start = padded_h * padded_w
     for level in range(focal_level):
         if level == 0:
-            tokens = _grid(height, width)
+            tokens = grid_coordinates(height, width, device)
             index, relative = nearest_tokens(windows * window_size + window_size // 2, tokens, topk)
-            indices.append(window_order(tokens[0][index], tokens[1][index], window_size, grid_w))
+            key_index.append(window_order(tokens[0][index], tokens[1][index], window_size, grid_w))
         else:
             index, relative = nearest_tokens(windows, windows, topk)
             relative = relative * window_size
-            indices.append(start + index)
-            start += (grid_h * 2 ** (level - 1)) * (grid_w * 2 ** (level - 1))
-        coords = relative[:, None, :, :].long() + in_window[None, :, None, :]  # num_windows, window_area, k, 2
-        span = 2 * int(coords.abs().max()) + 1  # integer coordinates: number them on a span x span grid
-        codes, which = torch.unique(
-            (coords[..., 0] + span // 2) * span + coords[..., 1] + span // 2, return_inverse=True
-        )
-        coord_indices.append(which + sum(len(distinct) for distinct in distinct_coords))
-        distinct_coords.append(torch.stack((codes // span - span // 2, codes % span - span // 2), dim=-1).float())
-    tensors = {"key_index": torch.cat(indices, dim=1), "coord_index": torch.cat(coord_indices, dim=-1)}
-    return tensors | {f"distinct_coords_{level}": coords for level, coords in enumerate(distinct_coords)}
+            key_index.append(start + index)
+            start = start + (grid_h * 2 ** (level - 1)) * (grid_w * 2 ** (level - 1))
+        offsets = relative[:, :, None, :] + in_window[:, None, :, None]  # 2, num_windows, window_area, k
+        coord_index.append((offsets[0] + padded_h) * (2 * padded_w + 1) + offsets[1] + padded_w)
+    key_index = torch.cat(key_index, dim=1)
+    key_index, key_mask = pad_keys(key_index, torch.zeros(key_index.shape[0], 1, key_index.shape[1], device=device))
+    return FocalFastKeyLayout(key_index, coords, coord_index, key_mask)
+
+
+@functools.lru_cache(maxsize=256)
+def cached_key_layout(builder: Callable, args: tuple, device: torch.device):
+    with torch.inference_mode(False):  # outlives the current mode: normal tensors, usable by autograd later
+        return builder(*args, device)
+
+
+def key_layout(builder: Callable, args: tuple, device: torch.device):
+    """`builder(*args, device)`: in eager mode built once per map size and kept (process-wide, shared by blocks of
+    the same geometry); traced (`torch.compile`, `torch.export`) it is part of the graph, for symbolic sizes."""
+    if torch.compiler.is_compiling():
+        return builder(*args, device)
+    return cached_key_layout(builder, args, device)
 
 
 # -------------------------------------------------------------------------------------------------- modules
@@ -425,7 +439,7 @@ class FocalEmbeddings(nn.Module):
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
         """The absolute position embedding for a `height x width` token grid: as trained at the configured size,
         resized bicubically otherwise."""
-        if (height, width) == self.grid_size:
+        if known_zero(height - self.grid_size[0], width - self.grid_size[1]):
             return self.position_embeddings
         dim = self.position_embeddings.shape[-1]
         grid = self.position_embeddings.reshape(1, *self.grid_size, dim).permute(0, 3, 1, 2)
@@ -459,96 +473,124 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def gather_key_values(
-    key_value: torch.Tensor, key_index: torch.Tensor, num_heads: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each window's keys and values, in `key_index` order, from their source `(..., num_source_tokens, 2 * dim)`
-    (one gather of whole rows): two `(batch * num_windows, num_heads, num_keys, head_dim)` views."""
-    gathered = key_value.index_select(-2, key_index.flatten())
-    head_dim = key_value.shape[-1] // (2 * num_heads)
-    gathered = gathered.view(-1, key_index.shape[1], 2, num_heads, head_dim)
-    return gathered.permute(2, 0, 3, 1, 4).unbind(0)
+def fold_windows(
+    query: torch.Tensor, key_value: torch.Tensor, key_index: torch.Tensor, bias: torch.Tensor, num_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The windows' attention as one attention call with the windows folded into the head dimension.
+
+    query `(batch_size, num_windows * window_area, dim)` (window by window), key_value `(batch_size, num_tokens,
+    2 * dim)` (the keys' and values' source), key_index `(num_windows, num_keys)`, bias `(num_windows, num_heads,
+    window_area, num_keys)` -> query `(batch_size, num_heads * num_windows, window_area, head_dim)`, key and value
+    `(batch_size, num_heads * num_windows, num_keys, head_dim)` and the bias `(1, num_heads * num_windows,
+    window_area, num_keys)`, which broadcasts over the batch (one copy whatever the batch size).
+    """
+    batch_size, num_tokens, double_dim = key_value.shape
+    num_windows, num_keys = key_index.shape
+    head_dim = double_dim // (2 * num_heads)
+    query = query.view(batch_size, num_windows, -1, num_heads, head_dim).permute(0, 3, 1, 2, 4)
+    query = query.reshape(batch_size, num_heads * num_windows, -1, head_dim)
+    # head-major source, then one gather of each head's rows: the gathered keys need no further copy
+    source = key_value.view(batch_size, num_tokens, 2, num_heads, head_dim).permute(2, 0, 3, 1, 4).contiguous()
+    key, value = source.index_select(3, key_index.flatten()).view(2, batch_size, -1, num_keys, head_dim).unbind(0)
+    bias = bias.transpose(0, 1).reshape(1, num_heads * num_windows, bias.shape[2], num_keys)
+    return query, key, value, bias
 
 
-def split_qkv(qkv: torch.Tensor, key_index: torch.Tensor, window_area: int, num_heads: int):
-    """Projected tokens `(..., num_tokens + num_pooled, 3 * dim)` (one image or a batch) -> the queries
-    `(batch * num_windows, num_heads, window_area, head_dim)`, and each window's keys and values (gathered)."""
-    dim = qkv.shape[-1] // 3
-    query = qkv[..., : key_index.shape[0] * window_area, :dim].reshape(-1, window_area, num_heads, dim // num_heads)
-    return query.transpose(1, 2), *gather_key_values(qkv[..., dim:], key_index, num_heads)
+def unfold_windows(attn_output: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """An attention interface's output `(batch_size, window_area, num_heads * num_windows, head_dim)` (for the
+    inputs of `fold_windows`) -> `(batch_size, num_windows * window_area, dim)`."""
+    batch_size, window_area, folded, head_dim = attn_output.shape
+    attn_output = attn_output.view(batch_size, window_area, num_heads, folded // num_heads, head_dim)
+    return attn_output.permute(0, 3, 1, 2, 4).reshape(batch_size, -1, num_heads * head_dim)
+
+
+def split_heads(
+    query: torch.Tensor, key_value: torch.Tensor, key_index: torch.Tensor, num_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image's attention inputs: query `(num_windows * window_area, dim)`, key_value `(num_tokens, 2 * dim)`
+    -> the query `(num_windows, num_heads, window_area, head_dim)` and the gathered keys and values `(num_windows,
+    num_heads, num_keys, head_dim)` (strided views; one gather of whole rows)."""
+    num_windows, num_keys = key_index.shape
+    head_dim = query.shape[-1] // num_heads
+    query = query.view(num_windows, -1, num_heads, head_dim).transpose(1, 2)
+    gathered = key_value.index_select(0, key_index.flatten()).view(num_windows, num_keys, 2, num_heads, head_dim)
+    key, value = gathered.permute(2, 0, 3, 1, 4).unbind(0)
+    return query, key, value
 
 
 def _cpu_gathered_attention(
-    qkv: torch.Tensor, bias: torch.Tensor, key_index: torch.Tensor, num_heads: int, scaling: float
+    query: torch.Tensor,
+    key_value: torch.Tensor,
+    bias: torch.Tensor,
+    key_index: torch.Tensor,
+    num_heads: int,
+    scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDPA over gathered keys on CPU, one image at a time, with PyTorch's fused (flash) CPU kernel.
+    """Attention over gathered keys on CPU, one image at a time, with PyTorch's fused (flash) CPU kernel.
 
-    qkv `(batch, num_tokens + num_pooled, 3 * dim)`: the projected tokens, the fine ones window by window; bias
-    `(num_windows or 1, num_heads, window_area, num_keys)`; key_index `(num_windows, num_keys)` into the tokens ->
-    the output `(batch * num_windows, window_area, num_heads, head_dim)` and its log-sum-exp (float32)
-    `(batch * num_windows, num_heads, window_area)`.
+    query `(batch_size, num_windows * window_area, dim)`, key_value `(batch_size, num_tokens, 2 * dim)`, bias
+    `(num_windows, num_heads, window_area, num_keys)`, key_index `(num_windows, num_keys)` -> the output
+    `(batch_size, num_windows * window_area, dim)` and its log-sum-exp `(batch_size, num_windows, num_heads,
+    window_area)` (float32).
     """
-    num_windows, window_area = key_index.shape[0], bias.shape[2]
-    head_dim = qkv.shape[-1] // (3 * num_heads)
-    output = qkv.new_empty(len(qkv) * num_windows, window_area, num_heads, head_dim)
-    logsumexp = qkv.new_empty(len(qkv) * num_windows, num_heads, window_area, dtype=torch.float32)
-    for image, image_qkv in enumerate(qkv):
-        rows = slice(image * num_windows, (image + 1) * num_windows)
-        image_output, logsumexp[rows] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            *split_qkv(image_qkv, key_index, window_area, num_heads),
-            attn_mask=bias.expand(num_windows, -1, -1, -1),
-            scale=scaling,
+    num_windows, _, window_area, _ = bias.shape
+    output = torch.empty_like(query)
+    logsumexp = query.new_empty(len(query), num_windows, num_heads, window_area, dtype=torch.float32)
+    for image in range(len(query)):
+        image_output, logsumexp[image] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            *split_heads(query[image], key_value[image], key_index, num_heads), attn_mask=bias, scale=scaling
         )
-        output[rows] = image_output.transpose(1, 2)
+        output[image].view(image_output.transpose(1, 2).shape).copy_(image_output.transpose(1, 2))
     return output, logsumexp
 
 
 def _cpu_gathered_attention_backward(
     grad_output: torch.Tensor,
-    qkv: torch.Tensor,
+    query: torch.Tensor,
+    key_value: torch.Tensor,
     bias: torch.Tensor,
     key_index: torch.Tensor,
     output: torch.Tensor,
     logsumexp: torch.Tensor,
     num_heads: int,
     scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of `qkv` and `bias`, recomputing each image's gathered keys and attention matrix."""
-    (num_windows, num_keys), window_area, dim = key_index.shape, bias.shape[2], qkv.shape[-1] // 3
-    compute_dtype = torch.promote_types(qkv.dtype, torch.float32)  # low precision: recompute in float32
-    grad_qkv = torch.empty_like(qkv)
-    grad_qkv[:, num_windows * window_area :, :dim] = 0  # the pooled tokens' queries are not used
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `query`, `key_value` and `bias`, recomputing each image's gathered keys and attention matrix."""
+    num_windows, num_keys = key_index.shape
+    compute_dtype = torch.promote_types(query.dtype, torch.float32)  # low precision: recompute in float32
+    grad_query = torch.empty_like(query)
+    grad_key_value = torch.empty_like(key_value)
     grad_bias = torch.zeros_like(bias, dtype=compute_dtype)
-    grad_rows = qkv.new_empty(num_windows, num_keys, 2, num_heads, dim // num_heads)
-    grad_key_value = qkv.new_empty(qkv.shape[1], 2 * dim)  # contiguous: index_add_ into a strided view is 4x slower
-    for image in range(len(qkv)):
-        rows = slice(image * num_windows, (image + 1) * num_windows)
-        query, keys, values = (
-            tensor.to(compute_dtype).contiguous() for tensor in split_qkv(qkv[image], key_index, window_area, num_heads)
+    grad_rows = key_value.new_empty(num_windows, num_keys, 2, num_heads, query.shape[-1] // num_heads)
+    for image in range(len(query)):
+        image_query, keys, values = (
+            tensor.to(compute_dtype).contiguous()
+            for tensor in split_heads(query[image], key_value[image], key_index, num_heads)
         )
-        image_output, image_grad = (tensor[rows].transpose(1, 2).to(compute_dtype) for tensor in (output, grad_output))
-        scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(scaling).add_(bias)
-        probs = scores.sub_(logsumexp[rows].unsqueeze(-1)).exp_()  # the forward's softmax
+        image_output, image_grad = (
+            tensor[image].view(num_windows, -1, num_heads, image_query.shape[-1]).transpose(1, 2).to(compute_dtype)
+            for tensor in (output, grad_output)
+        )
+        scores = torch.matmul(image_query, keys.transpose(-1, -2)).mul_(scaling).add_(bias)
+        probs = scores.sub_(logsumexp[image].unsqueeze(-1)).exp_()  # the forward's softmax
         grad_scores = torch.matmul(image_grad, values.transpose(-1, -2))
         grad_scores.sub_((image_grad * image_output).sum(-1, keepdim=True)).mul_(probs)
-        grad_bias += grad_scores.sum(0, keepdim=True) if bias.shape[0] == 1 else grad_scores
-        grad_query = torch.matmul(grad_scores, keys).mul_(scaling).transpose(1, 2)
-        grad_qkv[image, : num_windows * window_area, :dim].view(grad_query.shape).copy_(grad_query)
-        grad_rows[:, :, 0] = torch.matmul(grad_scores.transpose(-1, -2), query).mul_(scaling).transpose(1, 2)
+        grad_bias += grad_scores
+        image_grad_query = torch.matmul(grad_scores, keys).mul_(scaling).transpose(1, 2)
+        grad_query[image].view(image_grad_query.shape).copy_(image_grad_query)
+        grad_rows[:, :, 0] = torch.matmul(grad_scores.transpose(-1, -2), image_query).mul_(scaling).transpose(1, 2)
         grad_rows[:, :, 1] = torch.matmul(probs.transpose(-1, -2), image_grad).transpose(1, 2)
-        grad_key_value.zero_().index_add_(0, key_index.flatten(), grad_rows.view(num_windows * num_keys, -1))
-        grad_qkv[image, :, dim:] = grad_key_value
-    return grad_qkv, grad_bias.to(bias.dtype)
+        grad_key_value[image].zero_().index_add_(0, key_index.flatten(), grad_rows.view(num_windows * num_keys, -1))
+    return grad_query, grad_key_value, grad_bias.to(bias.dtype)
 
 
 def _register_cpu_gathered_attention():
-    """`cpu_gathered_attention(qkv, bias, key_index, num_heads, scaling) -> (output, logsumexp)` as a PyTorch custom
-    op with its own backward pass. The forward runs the fused CPU kernel; the backward recomputes the gathered keys and
-    attention matrices rather than storing them, and differentiates the bias: the fused CPU kernel gives no bias
-    gradient, so autograd would fall back to the unfused path and keep every attention matrix and gathered key
-    (1.4x Swin-T's training memory for Focal-T). As a custom op it is one opaque node for `torch.compile`: its
-    gathers and loops are not re-generated as slower compiled kernels. Registered once per process (the same code
-    may also be imported as Hub remote code)."""
+    """`cpu_gathered_attention(query, key_value, bias, key_index, num_heads, scaling) -> (output, logsumexp)` as a
+    PyTorch custom op with its own backward pass. The forward runs the fused CPU kernel image by image on keys
+    gathered from `key_value`; the backward recomputes the gathered keys and attention matrices rather than storing
+    them, and differentiates the bias: the fused CPU kernel gives no bias gradient, so autograd would fall back to
+    the unfused path and keep every attention matrix and gathered key. For `torch.compile` it is one opaque node.
+    Registered once per process (the same code may also be imported as Hub remote code)."""
     if hasattr(torch.ops.focal_transformer, "cpu_gathered_attention"):
         return torch.ops.focal_transformer.cpu_gathered_attention
     forward = torch.library.custom_op("focal_transformer::cpu_gathered_attention", mutates_args=())(
@@ -559,18 +601,17 @@ def _register_cpu_gathered_attention():
     )
 
     @forward.register_fake
-    def _(qkv, bias, key_index, num_heads, scaling):
-        rows, window_area = len(qkv) * key_index.shape[0], bias.shape[2]
-        output = qkv.new_empty(rows, window_area, num_heads, qkv.shape[-1] // (3 * num_heads))
-        return output, qkv.new_empty(rows, num_heads, window_area, dtype=torch.float32)
+    def _(query, key_value, bias, key_index, num_heads, scaling):
+        shape = (query.shape[0], bias.shape[0], num_heads, bias.shape[2])
+        return torch.empty_like(query), query.new_empty(shape, dtype=torch.float32)
 
     @backward.register_fake
-    def _(grad_output, qkv, bias, key_index, output, logsumexp, num_heads, scaling):
-        return torch.empty_like(qkv), torch.empty_like(bias)
+    def _(grad_output, query, key_value, bias, key_index, output, logsumexp, num_heads, scaling):
+        return torch.empty_like(query), torch.empty_like(key_value), torch.empty_like(bias)
 
     def setup_context(ctx, inputs, output):
-        qkv, bias, key_index, ctx.num_heads, ctx.scaling = inputs
-        ctx.save_for_backward(qkv, bias, key_index, *output)
+        query, key_value, bias, key_index, ctx.num_heads, ctx.scaling = inputs
+        ctx.save_for_backward(query, key_value, bias, key_index, *output)
 
     def differentiate(ctx, grad_output, grad_logsumexp):
         grads = backward(grad_output, *ctx.saved_tensors, ctx.num_heads, ctx.scaling)
@@ -581,6 +622,40 @@ def _register_cpu_gathered_attention():
 
 
 cpu_gathered_attention = _register_cpu_gathered_attention()
+
+
+def focal_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key_value: torch.Tensor,
+    key_index: torch.Tensor,
+    attention_mask: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The default attention of Focal models, `attn_implementation="focal_sdpa"`: scaled-dot-product attention of
+    every window over the keys it gathers from `key_value` by `key_index`, with `attention_mask` as additive bias.
+
+    query `(batch_size, num_windows * window_area, dim)`, key_value `(batch_size, num_tokens, 2 * dim)`, key_index
+    `(num_windows, num_keys)`, attention_mask `(num_windows, num_heads, window_area, num_keys)` -> the output
+    `(batch_size, num_windows * window_area, dim)` and `None`.
+
+    On CPU it runs `cpu_gathered_attention` (PyTorch's fused CPU kernel image by image, and a backward pass that
+    recomputes the gathered keys and gives the bias gradient, so training keeps no attention matrix); elsewhere, and
+    while `torch.export` traces the model (so that exported programs hold only standard operators), one
+    `torch.nn.functional.scaled_dot_product_attention` call with the windows folded into the head dimension.
+    """
+    num_heads = attention_mask.shape[1]
+    if query.device.type == "cpu" and dropout == 0.0 and not torch.compiler.is_exporting():
+        return cpu_gathered_attention(query, key_value, attention_mask, key_index, num_heads, scaling)[0], None
+    query, key, value, bias = fold_windows(query, key_value, key_index, attention_mask, num_heads)
+    attn_output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
+    return unfold_windows(attn_output.transpose(1, 2), num_heads), None
+
+
+focal_sdpa_attention.gathers_keys = True
+AttentionInterface.register("focal_sdpa", focal_sdpa_attention)
 
 
 class FocalWindowPooling(nn.Module):
@@ -605,21 +680,15 @@ class FocalWindowPooling(nn.Module):
         else:
             self.pool_layers = None
 
-    @staticmethod
-    def _center_fit(size: int, target: int) -> tuple[int, int]:
-        """F.pad amounts that trim (negative) or zero-pad `size` to `target` centrally, the extra one at the end."""
-        difference = target - size
-        before = int(math.copysign(abs(difference) // 2, difference))
-        return before, difference - before
-
     def pool_level(self, hidden_states: torch.Tensor, level: int) -> torch.Tensor:
         """`(batch_size, height, width, channels)` -> `(batch_size, grid_h * 2**level, grid_w * 2**level, channels)`."""
         size = pooled_window_size(self.window_size, level)
         batch_size, height, width, channels = hidden_states.shape
         target_h = height // self.window_size * 2**level * size
         target_w = width // self.window_size * 2**level * size
-        if (target_h, target_w) != (height, width):
-            padding = (0, 0, *self._center_fit(width, target_w), *self._center_fit(height, target_h))
+        if 2**level * size != self.window_size:  # 2**level sub-windows are smaller than a window: trim centrally
+            trim_h, trim_w = height - target_h, width - target_w
+            padding = (0, 0, -(trim_w // 2), trim_w // 2 - trim_w, -(trim_h // 2), trim_h // 2 - trim_h)
             hidden_states = F.pad(hidden_states, padding)
         if self.pool_method == "fc":  # a weighted sum of each sub-window's tokens
             layer = self.pool_layers[level]
@@ -640,16 +709,15 @@ class FocalWindowPooling(nn.Module):
 
 class FocalAttentionBase(nn.Module):
     """What both focal attentions share: each window's queries attend keys gathered from the fine-grained and pooled
-    maps by a cached `FocalKeyLayout`, with an additive bias; subclasses define the layout and the bias.
+    maps by the block's key layout, with an additive bias (position bias and masks); subclasses define the layout
+    and the position bias.
 
     Takes the padded, shifted map `(batch_size, height, width, dim)`, its pooled maps and the unpadded size; returns
     `(batch_size, height, width, dim)` and, for eager attention, the probabilities
     `(batch_size * num_windows, num_heads, window_size**2, num_keys)`.
     """
 
-    def __init__(
-        self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry, grid: tuple[int, int]
-    ):
+    def __init__(self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry):
         super().__init__()
         self.config = config
         self.geometry = geometry
@@ -661,37 +729,21 @@ class FocalAttentionBase(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=config.qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.layout_size = grid
-        builder, args = self.layout_arguments(*grid)
-        self.layout = FocalKeyLayout(builder, *args)
-        self._cached_bias = None
 
-    def layout_arguments(self, height: int, width: int) -> tuple:
-        """`(builder, args)` of the key layout on a `height x width` map."""
+    def key_layout(self, height, width, device: torch.device):
+        """The key layout on a `height x width` map (before padding to whole windows)."""
         raise NotImplementedError
 
-    def key_layout(self, height: int, width: int, device: torch.device) -> FocalKeyLayout:
-        """The layout held for the configured size, or the cached one for another size."""
-        if (height, width) == self.layout_size:
-            return self.layout
-        builder, args = self.layout_arguments(height, width)
-        return cached_key_layout(builder, args, device)
-
-    def attention_bias(self, layout: FocalKeyLayout) -> torch.Tensor:
-        """Additive bias `(num_windows or 1, num_heads, window_size**2, num_keys)`, padding keys masked out."""
+    def position_bias(self, layout) -> torch.Tensor:
+        """Position bias of the layout's real keys (before alignment padding), `(num_windows or 1, num_heads,
+        window_size**2, num_real_keys)`."""
         raise NotImplementedError
 
-    def cached_attention_bias(self, layout: FocalKeyLayout, dtype: torch.dtype) -> torch.Tensor:
-        """`attention_bias(layout)` in `dtype`. Without autograd (inference) the last one is kept and reused until the
-        layout, or the storage or in-place version of a parameter or buffer it depends on, changes."""
-        tensors = [*self.parameters(), *self.buffers(), *layout.buffers()]
-        # (tensors made under inference mode have no version to compare)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
-            return self.attention_bias(layout).to(dtype)
-        key = (layout, dtype, *((tensor.data_ptr(), tensor._version) for tensor in tensors))
-        if self._cached_bias is None or self._cached_bias[0] != key:
-            self._cached_bias = (key, self.attention_bias(layout).to(dtype))
-        return self._cached_bias[1]
+    def attention_bias(self, layout) -> torch.Tensor:
+        """The additive attention bias `(num_windows, num_heads, window_size**2, num_keys)`: position bias and mask."""
+        bias = self.position_bias(layout)
+        bias = F.pad(bias, (0, layout.key_index.shape[1] - bias.shape[-1]))
+        return bias + layout.key_mask[:, None].to(bias.dtype)
 
     def forward(
         self,
@@ -701,82 +753,60 @@ class FocalAttentionBase(nn.Module):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, height, width, dim = hidden_states.shape
-        window_size = self.geometry.window_size
-        grid_h, grid_w = height // window_size, width // window_size
         layout = self.key_layout(*input_dimensions, hidden_states.device)
-
-        # the attention's tokens, (batch_size, num_tokens + num_pooled, dim): the fine ones window by window, then the
-        # pooled ones. One projection gives the queries (used for the fine tokens) and the keys and values that each
-        # window gathers by its layout's `key_index`.
-        num_tokens = height * width
-        tokens = hidden_states.new_empty(
-            batch_size, num_tokens + sum(p.shape[1] * p.shape[2] for p in pooled_states), dim
-        )
-        windows = hidden_states.view(batch_size, grid_h, window_size, grid_w, window_size, dim).transpose(2, 3)
-        tokens[:, :num_tokens].view(windows.shape).copy_(windows)
-        start = num_tokens
-        for pooled in pooled_states:
-            tokens[:, start : start + pooled.shape[1] * pooled.shape[2]] = pooled.flatten(1, 2)
-            start += pooled.shape[1] * pooled.shape[2]
-        qkv = self.qkv(tokens)
-        bias = self.cached_attention_bias(layout, qkv.dtype)
-
-        uses_cpu_kernel = (
-            self.config._attn_implementation == "sdpa"
-            and qkv.device.type == "cpu"
-            and not (self.training and self.attention_dropout > 0)
-        )
-        if uses_cpu_kernel:
-            attn_output = cpu_gathered_attention(qkv, bias, layout.key_index, self.num_heads, self.scaling)[0]
-            attn_weights = None
-        else:
-            attn_output, attn_weights = self.attend(qkv, bias, layout, **kwargs)
-
-        # (batch_size * num_windows, window_size**2, num_heads, head_dim) -> (batch_size, height, width, dim)
-        attn_output = attn_output.view(batch_size, grid_h, grid_w, window_size, window_size, dim)
-        attn_output = attn_output.transpose(2, 3).reshape(batch_size, height, width, dim)
-        return self.proj_dropout(self.proj(attn_output)), attn_weights
+        # the fine tokens window by window give the queries; with the pooled tokens after them they are the source
+        # that each window gathers its keys and values from (`layout.key_index`)
+        fine = window_partition(hidden_states, self.geometry.window_size)
+        tokens = torch.cat([fine] + [pooled.flatten(1, 2) for pooled in pooled_states], dim=1)
+        query = F.linear(fine, self.qkv.weight[:dim], None if self.qkv.bias is None else self.qkv.bias[:dim])
+        key_value = F.linear(tokens, self.qkv.weight[dim:], None if self.qkv.bias is None else self.qkv.bias[dim:])
+        bias = self.attention_bias(layout).to(query.dtype)
+        attn_output, attn_weights = self.attend(query, key_value, layout.key_index, bias, **kwargs)
+        attn_output = self.proj_dropout(self.proj(attn_output))
+        return window_reverse(attn_output, self.geometry.window_size, height, width), attn_weights
 
     def attend(
-        self, qkv: torch.Tensor, bias: torch.Tensor, layout: FocalKeyLayout, **kwargs: Unpack[TransformersKwargs]
+        self,
+        query: torch.Tensor,
+        key_value: torch.Tensor,
+        key_index: torch.Tensor,
+        bias: torch.Tensor,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention through the configured attention function (eager, other devices, attention dropout), from the
-        projected tokens `qkv` `(batch, num_tokens + num_pooled, 3 * dim)`: the output `(batch * num_windows,
-        window_size**2, num_heads, head_dim)` and, if eager, the weights `(batch * num_windows, num_heads,
-        window_size**2, num_keys)`."""
-        query, key, value = split_qkv(qkv, layout.key_index, bias.shape[2], self.num_heads)
-        batch_size = qkv.shape[0]
-        if bias.shape[0] == 1:  # the same for every window
-            bias = bias.expand(query.shape[0], -1, -1, -1)
-        elif batch_size > 1:
-            bias = bias.repeat(batch_size, 1, 1, 1)
+        """The attention through the configured attention function: query `(batch_size, num_windows * window_area,
+        dim)`, key_value `(batch_size, num_tokens, 2 * dim)`, key_index `(num_windows, num_keys)`, bias
+        `(num_windows, num_heads, window_area, num_keys)` -> the output `(batch_size, num_windows * window_area, dim)`
+        and, if eager, the weights `(batch_size * num_windows, num_heads, window_area, num_keys)`.
+
+        An attention function that gathers the keys itself (`focal_sdpa_attention`) gets the key/value source;
+        any other (eager, sdpa, flex, or one registered with transformers' `AttentionInterface`) gets one call with
+        the windows folded into the head dimension (`fold_windows`)."""
+        dropout = self.attention_dropout if self.training else 0.0
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        return attention_interface(
-            self,
-            query,
-            key,
-            value,
-            bias,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
+        if getattr(attention_interface, "gathers_keys", False):
+            return attention_interface(
+                self, query, key_value, key_index, bias, scaling=self.scaling, dropout=dropout, **kwargs
+            )
+        query, key, value, bias = fold_windows(query, key_value, key_index, bias, self.num_heads)
+        attn_output, attn_weights = attention_interface(
+            self, query, key, value, bias, dropout=dropout, scaling=self.scaling, **kwargs
         )
+        if attn_weights is not None:  # (batch_size, num_heads * num_windows, ...) -> (batch_size * num_windows, ...)
+            attn_weights = attn_weights.unflatten(1, (self.num_heads, -1)).transpose(1, 2).flatten(0, 1)
+        return unfold_windows(attn_output, self.num_heads), attn_weights
 
 
 class FocalSelfAttention(FocalAttentionBase):
     """Focal self-attention (official `focal`): a window's own tokens, its expanded surroundings and a neighbourhood
     of pooled windows per coarse level, each with a learned relative position bias table."""
 
-    def __init__(
-        self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry, grid: tuple[int, int]
-    ):
-        super().__init__(config, dim, num_heads, geometry, grid)
+    def __init__(self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry):
+        super().__init__(config, dim, num_heads, geometry)
         window_size = geometry.window_size
         window_area = window_size * window_size
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        self.register_buffer("relative_position_index", self._position_index(), persistent=False)
         if geometry.has_neighbors:
             num_neighbors = 4 * window_area - 4 * (window_size - geometry.expand_size) ** 2
             self.relative_position_bias_table_to_neighbors = nn.Parameter(
@@ -787,8 +817,8 @@ class FocalSelfAttention(FocalAttentionBase):
         self.relative_position_bias_table_to_windows = nn.ParameterList(
             nn.Parameter(torch.zeros(num_heads, (window_size + side - 1) ** 2)) for side in self._pooled_sides()
         )
-        for level, index in enumerate(self._pooled_indices()):
-            self.register_buffer(f"relative_position_index_to_windows_{level}", index, persistent=False)
+        for name, index in self._index_buffers().items():
+            self.register_buffer(name, index, persistent=False)
 
     def _pooled_sides(self) -> list[int]:
         return [
@@ -796,70 +826,68 @@ class FocalSelfAttention(FocalAttentionBase):
             for level in range(self.geometry.num_pooled_levels)
         ]
 
-    def _position_index(self) -> torch.Tensor:
-        return relative_position_index(self.geometry.window_size, self.geometry.window_size).flatten()
+    def _index_buffers(self) -> dict[str, torch.Tensor]:
+        """Static indices into the bias tables (not saved; `_init_weights` recomputes them): the relative positions
+        within the window and to each level's pooled neighbourhood, and the slots of each fine key (`fine_keys`),
+        padded with an extra slot."""
+        window_size = self.geometry.window_size
+        slots = fine_keys(self.geometry)[1]
+        num_slots, width = sum(len(group) for group in slots), max(len(group) for group in slots)
+        buffers = {
+            "relative_position_index": relative_position_index(window_size, window_size).flatten(),
+            "fine_key_slots": torch.tensor([group + [num_slots] * (width - len(group)) for group in slots]),
+        }
+        for level, side in enumerate(self._pooled_sides()):
+            index = relative_position_index(window_size, side).flatten()
+            buffers[f"relative_position_index_to_windows_{level}"] = index
+        return buffers
 
-    def _pooled_indices(self) -> list[torch.Tensor]:
-        return [relative_position_index(self.geometry.window_size, side).flatten() for side in self._pooled_sides()]
+    def reset_index_buffers(self) -> None:
+        """Recompute the index buffers (`from_pretrained` builds models on the meta device)."""
+        for name, index in self._index_buffers().items():
+            init.copy_(getattr(self, name), index)
 
-    def reset_position_indices(self) -> None:
-        """Recompute the index buffers (they are not saved; `from_pretrained` builds them on the meta device)."""
-        init.copy_(self.relative_position_index, self._position_index())
-        for level, index in enumerate(self._pooled_indices()):
-            init.copy_(getattr(self, f"relative_position_index_to_windows_{level}"), index)
+    def key_layout(self, height, width, device: torch.device) -> FocalKeyLayout:
+        return key_layout(focal_key_layout, (height, width, self.geometry), device)
 
-    def layout_arguments(self, height: int, width: int) -> tuple:
-        return focal_key_layout, (height, width, self.geometry)
-
-    def attention_bias(self, layout: FocalKeyLayout) -> torch.Tensor:
-        """Position bias in the key order of `focal_key_layout`, its mask added:
-        `(num_windows or 1, num_heads, window_size**2, num_keys)`."""
+    def position_bias(self, layout: FocalKeyLayout) -> torch.Tensor:
+        """The same for every window: `(1, num_heads, window_size**2, num_real_keys)`. A fine key standing for
+        several official slots (`fine_keys`) gets the log-sum-exp of their biases:
+        `exp(s + a) + exp(s + b) = exp(s + log(exp(a) + exp(b)))`."""
         window_area = self.geometry.window_size**2
         table = self.relative_position_bias_table[self.relative_position_index]
         fine = [table.view(window_area, window_area, -1).permute(2, 0, 1)]  # num_heads, window_area, slots
         if self.relative_position_bias_table_to_neighbors is not None:
             fine.append(self.relative_position_bias_table_to_neighbors[0])
-        fine = F.pad(torch.cat(fine, dim=-1), (0, 1), value=float("-inf"))[:, :, layout.fine_slots]
-        bias = (fine.logsumexp(-1) if fine.shape[-1] > 1 else fine[..., 0])[None]  # merged duplicates
-        if layout.pooled_slots.shape[1]:
-            pooled = [
-                table[:, getattr(self, f"relative_position_index_to_windows_{level}")]
-                for level, table in enumerate(self.relative_position_bias_table_to_windows)
-            ]
-            pooled = [table.view(self.num_heads, window_area, -1) for table in pooled]
-            pooled = F.pad(torch.cat(pooled, dim=-1), (0, 1), value=float("-inf"))[:, :, layout.pooled_slots]
-            num_windows = layout.pooled_slots.shape[0]
-            bias = torch.cat((bias.expand(num_windows, -1, -1, -1), pooled.permute(2, 0, 1, 3)), dim=-1)
-        if layout.key_mask is not None:
-            bias = bias + layout.key_mask[:, None].to(bias.dtype)
-        return layout.pad_bias(bias)
+        fine = F.pad(torch.cat(fine, dim=-1), (0, 1), value=float("-inf"))[:, :, self.fine_key_slots]
+        bias = [fine.logsumexp(-1) if fine.shape[-1] > 1 else fine[..., 0]]
+        for level, table in enumerate(self.relative_position_bias_table_to_windows):
+            index = getattr(self, f"relative_position_index_to_windows_{level}")
+            bias.append(table[:, index].view(self.num_heads, window_area, -1))
+        return torch.cat(bias, dim=-1)[None]
 
 
 class FocalFastSelfAttention(FocalAttentionBase):
     """Focal-fast attention (official `focalv2`): per focal level, the `focal_topk` tokens nearest to the window,
-    with a position bias computed by a small MLP (one per level) from the query-to-key coordinates."""
+    with a position bias computed by a small MLP (one per level) from the query-to-key offsets."""
 
-    def __init__(
-        self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry, grid: tuple[int, int]
-    ):
-        super().__init__(config, dim, num_heads, geometry, grid)
+    def __init__(self, config: FocalConfig, dim: int, num_heads: int, geometry: FocalBlockGeometry):
+        super().__init__(config, dim, num_heads, geometry)
         self.relative_position_mlps = nn.ModuleList(
             nn.Sequential(nn.Linear(2, self.head_dim), nn.ReLU(), nn.Linear(self.head_dim, num_heads))
             for _ in range(geometry.focal_level)
         )
 
-    def layout_arguments(self, height: int, width: int) -> tuple:
-        geometry = self.geometry
-        args = (height, width, geometry.window_size, geometry.focal_level, self.config.focal_topk)
-        return focal_fast_key_layout, args
+    def key_layout(self, height, width, device: torch.device) -> FocalFastKeyLayout:
+        args = (height, width, self.geometry.window_size, self.geometry.focal_level, self.config.focal_topk)
+        return key_layout(focal_fast_key_layout, args, device)
 
-    def attention_bias(self, layout: FocalKeyLayout) -> torch.Tensor:
-        """MLP position bias of every (window, query, key), `(num_windows, num_heads, window_size**2, num_keys)`."""
-        tables = [
-            mlp(distinct.to(mlp[0].weight.dtype))  # num_distinct, num_heads
-            for mlp, distinct in zip(self.relative_position_mlps, layout.distinct_coords)
-        ]
-        return layout.pad_bias(torch.cat(tables).t()[:, layout.coord_index].transpose(0, 1))
+    def position_bias(self, layout: FocalFastKeyLayout) -> torch.Tensor:
+        """Each level's MLP on every offset of the map, read per (window, query, key): `(num_windows, num_heads,
+        window_size**2, num_real_keys)`."""
+        coords = layout.coords.to(self.relative_position_mlps[0][0].weight.dtype)
+        bias = [mlp(coords).t()[:, index] for mlp, index in zip(self.relative_position_mlps, layout.coord_index)]
+        return torch.cat(bias, dim=-1).transpose(0, 1)
 
 
 FOCAL_ATTENTION_CLASSES = {"focal": FocalSelfAttention, "focal_fast": FocalFastSelfAttention}
@@ -890,14 +918,13 @@ class FocalLayer(GradientCheckpointingLayer):
         dim: int,
         num_heads: int,
         geometry: FocalBlockGeometry,
-        grid: tuple[int, int],
         drop_path_rate: float = 0.0,
     ):
         super().__init__()
         self.geometry = geometry
         self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.window_pooling = FocalWindowPooling(geometry, dim) if geometry.num_pooled_levels else None
-        self.attention = FOCAL_ATTENTION_CLASSES[config.attention_type](config, dim, num_heads, geometry, grid)
+        self.attention = FOCAL_ATTENTION_CLASSES[config.attention_type](config, dim, num_heads, geometry)
         self.drop_path = FocalDropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
         self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = FocalMLP(config, dim)
@@ -941,7 +968,7 @@ class FocalLayer(GradientCheckpointingLayer):
         hidden_states = self.layernorm_before(hidden_states).view(batch_size, height, width, channels)
         # pad to whole windows (right and bottom), then shift cyclically (SW-MSA)
         pad_h, pad_w = -height % window_size, -width % window_size
-        if pad_h or pad_w:
+        if not known_zero(pad_h, pad_w):
             hidden_states = F.pad(hidden_states, (0, 0, 0, pad_w, 0, pad_h))
         if shift_size:
             hidden_states = torch.roll(hidden_states, shifts=(-shift_size, -shift_size), dims=(1, 2))
@@ -979,7 +1006,6 @@ class FocalStage(nn.Module):
                 dim,
                 config.num_heads[stage],
                 config.block_geometry(stage, block),
-                config.stage_grid(stage),
                 drop_path[block],
             )
             for block in range(config.depths[stage])
@@ -1028,6 +1054,10 @@ class FocalPreTrainedModel(PreTrainedModel):
         "attentions": OutputRecorder(FocalStage, index=2, capture_initial_hidden_state=False),
     }
 
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """Focal models default to `"focal_sdpa"` (`focal_sdpa_attention`) rather than transformers' `"sdpa"`."""
+        return super().get_correct_attn_implementation(requested_attention or "focal_sdpa", is_init_check)
+
     def _init_weights(self, module):
         """Truncated-normal linear layers and bias tables as the official code; pooling starts as a mean."""
         std = self.config.initializer_range
@@ -1049,9 +1079,7 @@ class FocalPreTrainedModel(PreTrainedModel):
                 init.trunc_normal_(module.relative_position_bias_table_to_neighbors, std=std)
             for table in module.relative_position_bias_table_to_windows:
                 init.trunc_normal_(table, std=std)
-            module.reset_position_indices()
-        elif isinstance(module, FocalKeyLayout):
-            module.reset()
+            module.reset_index_buffers()
         elif isinstance(module, FocalLayer) and module.layer_scale_1 is not None:
             init.constant_(module.layer_scale_1, self.config.layerscale_value)
             init.constant_(module.layer_scale_2, self.config.layerscale_value)
