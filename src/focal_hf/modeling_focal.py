@@ -123,6 +123,29 @@ def grid_coordinates(height, width, device: torch.device | None = None) -> torch
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij")).flatten(1)
 
 
+def exportable_at_any_size(forward: Callable) -> Callable:
+    """Decorates a `forward` so that while `torch.export` traces it, sizes are size-oblivious: the program is never
+    specialised on a feature map being one window (or token) wide, a 0/1 specialisation, so one exported program
+    serves every input size. No effect otherwise."""
+
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        if not torch.compiler.is_exporting():
+            return forward(*args, **kwargs)
+        from torch.fx.experimental import _config
+
+        with _config.patch(backed_size_oblivious=True):
+            return forward(*args, **kwargs)
+
+    return wrapper
+
+
+def copy_as(tensor: torch.Tensor, *shape) -> torch.Tensor:
+    """`tensor` (typically permuted) copied into a new contiguous tensor of `shape`. Unlike `reshape`, it never
+    decides between a view and a copy, a decision that a traced program would fix for one input size."""
+    return tensor.clone(memory_format=torch.contiguous_format).view(*shape)
+
+
 def window_partition(hidden_states: torch.Tensor, window_size: int) -> torch.Tensor:
     """`(batch_size, height, width, channels)` (sides multiples of `window_size`) -> its tokens window by window
     `(batch_size, num_windows * window_size**2, channels)`: windows row-major, tokens row-major within each."""
@@ -130,7 +153,7 @@ def window_partition(hidden_states: torch.Tensor, window_size: int) -> torch.Ten
     windows = hidden_states.view(
         batch_size, height // window_size, window_size, width // window_size, window_size, channels
     )
-    return windows.transpose(2, 3).reshape(batch_size, -1, channels)
+    return copy_as(windows.transpose(2, 3), batch_size, -1, channels)
 
 
 def window_reverse(windows: torch.Tensor, window_size: int, height, width) -> torch.Tensor:
@@ -138,7 +161,7 @@ def window_reverse(windows: torch.Tensor, window_size: int, height, width) -> to
     `(batch_size, height, width, channels)`."""
     batch_size, _, channels = windows.shape
     windows = windows.view(batch_size, height // window_size, width // window_size, window_size, window_size, channels)
-    return windows.transpose(2, 3).reshape(batch_size, height, width, channels)
+    return copy_as(windows.transpose(2, 3), batch_size, height, width, channels)
 
 
 def window_order(rows: torch.Tensor, cols: torch.Tensor, window_size: int, grid_w) -> torch.Tensor:
@@ -406,17 +429,20 @@ class FocalPatchEmbeddings(nn.Module):
         if self.pre_norm is not None:
             pixel_values = self.pre_norm(pixel_values)
         kernel_size, stride = self.projection.kernel_size[0], self.projection.stride[0]
-        if kernel_size == stride:  # non-overlapping patches: one matrix product, no convolution weight reorder
+        if kernel_size == stride:  # non-overlapping patches: one matrix product (a oneDNN convolution reorders its
+            # weights on every call)
             batch_size, channels, height, width = pixel_values.shape
+            crop_h, crop_w = height % stride, width % stride  # the convolution's floor
+            if not known_zero(crop_h, crop_w):
+                pixel_values = F.pad(pixel_values, (0, -crop_w, 0, -crop_h))
             height, width = height // stride, width // stride
-            patches = pixel_values[:, :, : height * stride, : width * stride]
-            patches = patches.reshape(batch_size, channels, height, stride, width, stride).permute(0, 2, 4, 1, 3, 5)
+            patches = pixel_values.view(batch_size, channels, height, stride, width, stride).permute(0, 2, 4, 1, 3, 5)
             weight = self.projection.weight.view(self.projection.out_channels, -1)
-            embeddings = F.linear(patches.reshape(batch_size, height * width, -1), weight, self.projection.bias)
+            embeddings = F.linear(copy_as(patches, batch_size, height * width, -1), weight, self.projection.bias)
         else:
             embeddings = self.projection(pixel_values)
             height, width = embeddings.shape[-2:]
-            embeddings = embeddings.flatten(2).transpose(1, 2)
+            embeddings = copy_as(embeddings.flatten(2).transpose(1, 2), len(embeddings), height * width, -1)
         if self.norm is not None:
             embeddings = self.norm(embeddings)
         return embeddings, (height, width)
@@ -488,11 +514,12 @@ def fold_windows(
     num_windows, num_keys = key_index.shape
     head_dim = double_dim // (2 * num_heads)
     query = query.view(batch_size, num_windows, -1, num_heads, head_dim).permute(0, 3, 1, 2, 4)
-    query = query.reshape(batch_size, num_heads * num_windows, -1, head_dim)
+    query = copy_as(query, batch_size, num_heads * num_windows, -1, head_dim)
     # head-major source, then one gather of each head's rows: the gathered keys need no further copy
-    source = key_value.view(batch_size, num_tokens, 2, num_heads, head_dim).permute(2, 0, 3, 1, 4).contiguous()
+    source = copy_as(key_value.view(batch_size, num_tokens, 2, num_heads, head_dim).permute(2, 0, 3, 1, 4), -1)
+    source = source.view(2, batch_size, num_heads, num_tokens, head_dim)
     key, value = source.index_select(3, key_index.flatten()).view(2, batch_size, -1, num_keys, head_dim).unbind(0)
-    bias = bias.transpose(0, 1).reshape(1, num_heads * num_windows, bias.shape[2], num_keys)
+    bias = copy_as(bias.transpose(0, 1), 1, num_heads * num_windows, bias.shape[2], num_keys)
     return query, key, value, bias
 
 
@@ -501,7 +528,7 @@ def unfold_windows(attn_output: torch.Tensor, num_heads: int) -> torch.Tensor:
     inputs of `fold_windows`) -> `(batch_size, num_windows * window_area, dim)`."""
     batch_size, window_area, folded, head_dim = attn_output.shape
     attn_output = attn_output.view(batch_size, window_area, num_heads, folded // num_heads, head_dim)
-    return attn_output.permute(0, 3, 1, 2, 4).reshape(batch_size, -1, num_heads * head_dim)
+    return copy_as(attn_output.permute(0, 3, 1, 2, 4), batch_size, -1, num_heads * head_dim)
 
 
 def split_heads(
@@ -693,7 +720,7 @@ class FocalWindowPooling(nn.Module):
         if self.pool_method == "fc":  # a weighted sum of each sub-window's tokens
             layer = self.pool_layers[level]
             sub_windows = hidden_states.view(batch_size, target_h // size, size, target_w // size, size, channels)
-            return torch.einsum("bhiwjc,ij->bhwc", sub_windows, layer.weight.view(size, size)) + layer.bias
+            return (sub_windows * layer.weight.view(size, 1, size, 1)).sum((2, 4)) + layer.bias
         channels_first = hidden_states.permute(0, 3, 1, 2)
         if self.pool_method == "mean":
             pooled = F.avg_pool2d(channels_first, size)
@@ -967,7 +994,8 @@ class FocalLayer(GradientCheckpointingLayer):
 
         hidden_states = self.layernorm_before(hidden_states).view(batch_size, height, width, channels)
         # pad to whole windows (right and bottom), then shift cyclically (SW-MSA)
-        pad_h, pad_w = -height % window_size, -width % window_size
+        pad_h = ceil_div(height, window_size) * window_size - height  # (whole windows, also for symbolic sizes)
+        pad_w = ceil_div(width, window_size) * window_size - width
         if not known_zero(pad_h, pad_w):
             hidden_states = F.pad(hidden_states, (0, 0, 0, pad_w, 0, pad_h))
         if shift_size:
@@ -978,7 +1006,9 @@ class FocalLayer(GradientCheckpointingLayer):
 
         if shift_size:
             attention_output = torch.roll(attention_output, shifts=(shift_size, shift_size), dims=(1, 2))
-        attention_output = attention_output[:, :height, :width].reshape(batch_size, height * width, channels)
+        if not known_zero(pad_h, pad_w):
+            attention_output = F.pad(attention_output, (0, 0, 0, -pad_w, 0, -pad_h))  # a fresh, contiguous crop
+        attention_output = attention_output.reshape(batch_size, height * width, channels)
         if self.layer_scale_1 is not None:
             attention_output = self.layer_scale_1 * attention_output
         hidden_states = shortcut + self.drop_path(attention_output)
@@ -1017,22 +1047,23 @@ class FocalStage(nn.Module):
         self,
         hidden_states: torch.Tensor,
         input_dimensions: tuple[int, int],
+        output_maps: bool = False,
         output_hidden_states_before_downsampling: bool = False,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, tuple[int, int]]:
         height, width = input_dimensions
         attn_weights = None
         for block in self.blocks:
             hidden_states, attn_weights = block(hidden_states, input_dimensions, **kwargs)
 
         batch_size, _, channels = hidden_states.shape
-        spatial = hidden_states.transpose(1, 2).reshape(batch_size, channels, height, width)
-        reshaped = spatial
+        spatial = hidden_states.view(batch_size, height, width, channels).permute(0, 3, 1, 2)
+        reshaped = spatial if output_maps else None
         output_dimensions = input_dimensions
         if self.downsample is not None:
             hidden_states, output_dimensions = self.downsample(spatial)
-            if not output_hidden_states_before_downsampling:
-                reshaped = hidden_states.transpose(1, 2).reshape(batch_size, -1, *output_dimensions)
+            if output_maps and not output_hidden_states_before_downsampling:
+                reshaped = copy_as(hidden_states.transpose(1, 2), batch_size, -1, *output_dimensions)
         return hidden_states, reshaped, attn_weights, output_dimensions
 
 
@@ -1136,6 +1167,7 @@ class FocalEncoder(FocalPreTrainedModel):
             hidden_states, reshaped, _, input_dimensions = stage(
                 hidden_states,
                 input_dimensions,
+                output_maps=output_hidden_states,
                 output_hidden_states_before_downsampling=output_hidden_states_before_downsampling,
                 **kwargs,
             )
@@ -1164,6 +1196,7 @@ class FocalModel(FocalPreTrainedModel):
 
     @can_return_tuple
     @auto_docstring
+    @exportable_at_any_size
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -1187,7 +1220,7 @@ class FocalModel(FocalPreTrainedModel):
         sequence_output = self.layernorm(encoder_outputs.last_hidden_state)
         pooled_output = None
         if self.pooler is not None:
-            pooled_output = torch.flatten(self.pooler(sequence_output.transpose(1, 2)), 1)
+            pooled_output = sequence_output.mean(1)
         return FocalModelOutput(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,
