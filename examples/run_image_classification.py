@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import transformers
 from huggingface_hub import EvalResult, ModelCard
+from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 from transformers import (
     AutoConfig,
@@ -322,6 +323,12 @@ class CardTrainer(Trainer):
     def create_model_card(self, **kwargs):
         if self.is_world_process_zero():
             self.card_builder().save(os.path.join(self.args.output_dir, "README.md"))
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        try:  # at construction, before training: e.g. no right to create repositories in that namespace
+            super().init_hf_repo(token=token, private=private)
+        except HfHubHTTPError as error:
+            raise hub.HubError(f"Cannot create the Hub repository {self.args.hub_model_id!r}: {error}") from error
 
 
 def collate_fn(examples):

@@ -386,3 +386,23 @@ def test_processor_follows_the_model_image_size(tmp_path):
     assert model.config.image_size == 64
     assert processor.crop_size == {"height": 64, "width": 64} and processor.size == {"shortest_edge": 73}
     assert AutoImageProcessor.from_pretrained(tmp_path).crop_size == {"height": 32, "width": 32}
+
+
+def test_trainer_repository_creation_refused_is_one_error(image_folder, tmp_path, fake_hub, monkeypatch):
+    import httpx2
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    def create_repo(api, repo_id, **kwargs):
+        request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+        raise HfHubHTTPError(
+            "403 Forbidden: no rights in namespace 'org'", response=httpx2.Response(403, request=request)
+        )
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    output = tmp_path / "out"
+    with pytest.raises(hub.HubError, match="Cannot create the Hub repository 'org/focal': 403 Forbidden"):
+        run_image_classification.main(
+            trainer_args(image_folder, output, "--push_to_hub", "--hub_model_id", "org/focal")
+        )
+    assert not (output / "model.safetensors").exists()  # refused before training
