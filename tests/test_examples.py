@@ -360,6 +360,7 @@ def test_ignore_mismatched_sizes_flag(tmp_path):
     # a saved 3-class model, fine-tuned on 2 labels: its classifier is replaced only when allowed
     config = focal_hf.FocalConfig(**json.loads(TINY_MODEL), num_labels=3)
     focal_hf.FocalForImageClassification(config).save_pretrained(tmp_path / "three")
+    focal_hf.FocalImageProcessor.for_image_size(config.image_size).save_pretrained(tmp_path / "three")
     argv = ["--model_name_or_path", str(tmp_path / "three"), "--train_dir", str(tmp_path), "--output_dir", "o"]
     assert run_image_classification_no_trainer.parse_args(argv).model.ignore_mismatched_sizes is True
     assert run_image_classification_no_trainer.parse_args([*argv, "--ignore_mismatched_sizes"]).ignore_mismatched_sizes
