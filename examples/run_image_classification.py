@@ -436,8 +436,8 @@ def main(args: list[str] | None = None) -> dict:
         try:
             trainer.push_to_hub(commit_message="End of training")
         except Exception as error:  # the folder is complete: say how to upload it later
-            private = bool(training_args.hub_private_repo)
-            raise hub.upload_failed(training_args.output_dir, trainer.hub_model_id, error, private) from error
+            private, exclude = bool(training_args.hub_private_repo), ["_*", "checkpoint-*"]  # as Trainer uploads
+            raise hub.upload_failed(training_args.output_dir, trainer.hub_model_id, error, private, exclude) from error
     return metrics
 
 

@@ -309,7 +309,9 @@ def main(argv=None) -> dict:
         )
         card.save(os.path.join(args.output_dir, "README.md"))
         if repo_id:
-            hub.push_folder(args.output_dir, repo_id, args.hub_token, commit_message="End of training")
+            # the model, not the training state: checkpoints (and hidden staging folders) stay local
+            exclude = ["step_*", "epoch_*", ".*"]
+            hub.push_folder(args.output_dir, repo_id, args.hub_token, commit_message="End of training", exclude=exclude)
     return metrics
 
 

@@ -41,6 +41,7 @@ class FakeHub:
     def __init__(self, monkeypatch, user="you", role="write"):
         import huggingface_hub
         from huggingface_hub import RepoUrl
+        from huggingface_hub.utils import filter_repo_objects
 
         self.calls, self.uploads, self.user, self.role = [], [], user, role
 
@@ -55,7 +56,10 @@ class FakeHub:
         def upload_folder(api, *, folder_path, repo_id, **kwargs):
             self.calls.append(("upload_folder", repo_id, kwargs))
             folder = Path(folder_path)
-            self.uploads.append({p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()})
+            files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+            patterns = {key: kwargs.get(key) for key in ("allow_patterns", "ignore_patterns")}
+            kept = filter_repo_objects(files, **patterns)
+            self.uploads.append({path: files[path] for path in kept})  # what `upload_folder` would send
             return f"https://huggingface.co/{repo_id}/commit/0"
 
         for name, method in (("whoami", whoami), ("create_repo", create_repo), ("upload_folder", upload_folder)):

@@ -148,7 +148,7 @@ def test_push_to_hub_sends_the_folder(tmp_path, fake_hub):
     assert fake_hub.calls == [
         ("whoami", "hf_x"),  # credentials and reachability first
         ("create_repo", "you/focal", {"private": True, "exist_ok": True, "repo_type": "model"}),
-        ("upload_folder", "you/focal", {"repo_type": "model", "commit_message": "Focal!"}),
+        ("upload_folder", "you/focal", {"repo_type": "model", "commit_message": "Focal!", "ignore_patterns": None}),
     ]
     [upload] = fake_hub.uploads
     assert sorted(upload) == [

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -297,13 +298,14 @@ def test_trainer_push_to_hub_with_remote_code(image_folder, tmp_path, fake_hub):
 
 def test_accelerate_push_to_hub(image_folder, tmp_path, fake_hub):
     output = tmp_path / "focal-run"
-    args = ["--max_train_steps", "2", "--push_to_hub", "--hub_token", "hf_x"]
+    args = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--push_to_hub", "--hub_token", "hf_x"]
     metrics = run_image_classification_no_trainer.main(no_trainer_args(image_folder, output, *args))
-    assert fake_hub.calls == [
+    assert fake_hub.calls[:2] == [
         ("whoami", "hf_x"),
         ("create_repo", "you/focal-run", {"private": False, "exist_ok": True, "repo_type": "model"}),
-        ("upload_folder", "you/focal-run", {"repo_type": "model", "commit_message": "End of training"}),
     ]
+    assert fake_hub.calls[2][:2] == ("upload_folder", "you/focal-run") and len(fake_hub.calls) == 3
+    assert (output / "step_2").is_dir()  # the checkpoints stay local
     [upload] = fake_hub.uploads
     assert sorted(upload) == [
         "README.md",
@@ -346,7 +348,8 @@ def test_failed_accelerate_upload_keeps_the_folder(image_folder, tmp_path, fake_
 
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     output = tmp_path / "run"
-    with pytest.raises(hub.HubError, match=rf"hf upload you/run {output} \. --repo-type model"):
+    command = f"hf upload you/run {output} . --repo-type model --exclude 'step_*' --exclude 'epoch_*' --exclude '.*'"
+    with pytest.raises(hub.HubError, match=re.escape(command)):
         run_image_classification_no_trainer.main(
             no_trainer_args(image_folder, output, "--max_train_steps", "1", "--push_to_hub")
         )

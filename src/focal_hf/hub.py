@@ -76,33 +76,48 @@ def check_push_access(repo_id: str, token: str | None = None) -> str:
     return repo_id if "/" in repo_id else f"{user['name']}/{repo_id}"
 
 
-def upload_command(folder: str | Path, repo_id: str, private: bool = False) -> str:
+def upload_command(folder: str | Path, repo_id: str, private: bool = False, exclude: Sequence[str] = ()) -> str:
     """The `hf` command that uploads `folder` to `repo_id` (what to run after a failed push)."""
     command = ["hf", "upload", repo_id, str(folder), ".", "--repo-type", "model"]
-    return shlex.join(command + (["--private"] if private else []))
+    command += ["--private"] if private else []
+    for pattern in exclude:
+        command += ["--exclude", pattern]
+    return shlex.join(command)
 
 
-def upload_failed(folder: str | Path, repo_id: str, error: BaseException, private: bool = False) -> HubError:
+def upload_failed(
+    folder: str | Path, repo_id: str, error: BaseException, private: bool = False, exclude: Sequence[str] = ()
+) -> HubError:
     """The error of a failed upload: what went wrong, that `folder` is complete, and how to upload it later."""
     return HubError(
         f"Uploading {folder} to {repo_id!r} failed ({type(error).__name__}: {error}). The local folder {folder} is "
-        f"complete; upload it later with: {upload_command(folder, repo_id, private)}"
+        f"complete; upload it later with: {upload_command(folder, repo_id, private, exclude)}"
     )
 
 
 def push_folder(
-    folder: str | Path, repo_id: str, token: str | None = None, private: bool = False, commit_message: str = "Upload"
+    folder: str | Path,
+    repo_id: str,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload",
+    exclude: Sequence[str] = (),
 ) -> str:
-    """Create the model repository `repo_id` if needed and upload `folder` into it; returns the commit URL. Any
-    failure is one `HubError` naming the command that uploads the (complete) folder later."""
+    """Create the model repository `repo_id` if needed and upload `folder` into it, less the `exclude` glob patterns
+    (e.g. training checkpoints); returns the commit URL. Any failure is one `HubError` naming the command that
+    uploads the (complete) folder later."""
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(
-            folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=commit_message
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=commit_message,
+            ignore_patterns=list(exclude) or None,
         )
     except Exception as error:
-        raise upload_failed(folder, repo_id, error, private) from error
+        raise upload_failed(folder, repo_id, error, private, exclude) from error
     return str(getattr(commit, "commit_url", commit))
 
 
