@@ -66,6 +66,17 @@ class FakeHub:
             monkeypatch.setattr(huggingface_hub.HfApi, name, method)
 
 
+def hub_http_error(status: int, message: str):
+    """An `HfHubHTTPError` as huggingface_hub raises it for an HTTP `status` (built on its own HTTP library)."""
+    import importlib
+
+    from huggingface_hub import errors
+
+    http = importlib.import_module(errors.Response.__module__.split(".")[0])
+    response = http.Response(status, request=http.Request("POST", "https://huggingface.co/api"))
+    return errors.HfHubHTTPError(message, response=response)
+
+
 @pytest.fixture
 def fake_hub(monkeypatch):
     return FakeHub(monkeypatch)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import FIXTURES, PARITY_CASES, load_without_focal_hf
+from conftest import FIXTURES, PARITY_CASES, hub_http_error, load_without_focal_hf
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 from safetensors.torch import load_file
@@ -205,6 +205,22 @@ def test_push_without_credentials_or_offline_fails_before_converting(tmp_path, c
     error = capsys.readouterr().err
     assert "offline mode is on" in error and error.count("\n") == 1
     assert not output.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        (hub_http_error(401, "401 Unauthorized"), "the token is invalid or expired"),
+        (ConnectionError("Name or service not known"), r"the Hub is unreachable \(ConnectionError: Name or"),
+    ],
+)
+def test_hub_credential_failures_are_named(monkeypatch, failure, message):
+    def whoami(api, *args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(HfApi, "whoami", whoami)
+    with pytest.raises(hub.HubError, match=rf"Cannot push to 'you/focal': {message}"):
+        hub.check_push_access("you/focal", "hf_x")
 
 
 def test_read_only_token_is_refused_before_converting(tmp_path, fake_hub, capsys):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_without_focal_hf
+from conftest import hub_http_error, load_without_focal_hf
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
@@ -393,15 +393,10 @@ def test_processor_follows_the_model_image_size(tmp_path):
 
 
 def test_trainer_repository_creation_refused_is_one_error(image_folder, tmp_path, fake_hub, monkeypatch):
-    import httpx2
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     def create_repo(api, repo_id, **kwargs):
-        request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
-        raise HfHubHTTPError(
-            "403 Forbidden: no rights in namespace 'org'", response=httpx2.Response(403, request=request)
-        )
+        raise hub_http_error(403, "403 Forbidden: no rights in namespace 'org'")
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     output = tmp_path / "out"

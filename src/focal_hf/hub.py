@@ -210,4 +210,5 @@ __all__ = [
     "push_folder",
     "remote_code_files",
     "upload_command",
+    "upload_failed",
 ]
