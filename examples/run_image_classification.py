@@ -13,6 +13,8 @@ Data: `--dataset_name` (any Hub/local image-classification dataset with an image
 `--train_dir`/`--validation_dir` (folders of `<label>/<image>` files, read with `datasets`' `imagefolder`).
 Model: `--model_name_or_path` (a converted folder or Hub id) or, from scratch, `--model_preset` (an official name,
 e.g. `focal-tiny`) / `--config_name` (a config.json), with `--config_overrides` as JSON.
+Sharing: a model card is written to `--output_dir`; `--remote_code` adds the model code for `trust_remote_code=True`
+users; `--push_to_hub [--hub_model_id you/name] [--hub_token ...]` checks the credentials before training.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import os
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +33,8 @@ import evaluate
 import numpy as np
 import torch
 import transformers
+from huggingface_hub import EvalResult, ModelCard
+from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 from transformers import (
     AutoConfig,
@@ -43,6 +48,7 @@ from transformers import (
 )
 
 import focal_hf
+from focal_hf import hub
 
 logger = logging.getLogger(__name__)
 ACCURACY = str(Path(__file__).resolve().parent / "metrics" / "accuracy")
@@ -85,7 +91,17 @@ class ModelArguments:
     image_processor_name: str | None = field(default=None, metadata={"help": "Image processor name or folder."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and datasets are kept."})
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model."})
+    token: str | None = field(
+        default=None, metadata={"help": "Hugging Face token for private models and datasets (default: the login's)."}
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model's repository."})
+    remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Also save the model code and auto_map to --output_dir (and the Hub), so the model loads with "
+            "trust_remote_code=True where focal_hf is not installed."
+        },
+    )
     ignore_mismatched_sizes: bool = field(
         default=True, metadata={"help": "Replace a classifier of another size (e.g. ImageNet's 1000 classes)."}
     )
@@ -96,10 +112,12 @@ class ModelArguments:
             raise ValueError("Give exactly one of --model_name_or_path, --model_preset and --config_name.")
 
 
-def load_data(data_args: DataTrainingArguments, cache_dir: str | None) -> datasets.DatasetDict:
+def load_data(data_args: DataTrainingArguments, cache_dir: str | None, token: str | None = None):
     """The dataset with `train` and `validation` splits, its columns checked."""
     if data_args.dataset_name is not None:
-        dataset = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
+        dataset = datasets.load_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir, token=token
+        )
     else:
         data_files = {"train": os.path.join(data_args.train_dir, "**")}
         if data_args.validation_dir is not None:
@@ -133,6 +151,7 @@ def load_model(model_args: ModelArguments, labels: list[str]):
         "cache_dir": model_args.cache_dir,
         "revision": model_args.model_revision,
         "trust_remote_code": model_args.trust_remote_code,
+        "token": model_args.token,
     }
     if model_args.model_name_or_path is not None:
         config = AutoConfig.from_pretrained(
@@ -156,14 +175,15 @@ def load_model(model_args: ModelArguments, labels: list[str]):
         else:
             config = AutoConfig.from_pretrained(model_args.config_name, **kwargs, **common)
         model = AutoModelForImageClassification.from_config(config)
+    # the official evaluation transform at the model's image size, unless the user names a processor
+    for_model = focal_hf.FocalImageProcessor.for_image_size(model.config.image_size)
     processor_source = model_args.image_processor_name or model_args.model_name_or_path
-    if processor_source is not None:
-        image_processor = AutoImageProcessor.from_pretrained(processor_source, **common)
-    else:  # a new model: the official evaluation transform scaled to the model's image size
-        height, width = model.config.image_size_2d
-        image_processor = focal_hf.FocalImageProcessor(
-            size={"shortest_edge": int(min(height, width) / 0.875)}, crop_size={"height": height, "width": width}
-        )
+    if processor_source is None:
+        return model, for_model
+    image_processor = AutoImageProcessor.from_pretrained(processor_source, **common)
+    if model_args.image_processor_name is None and image_processor.crop_size != for_model.crop_size:
+        logger.info(f"Image size {model.config.image_size}: evaluating with crops of {dict(for_model.crop_size)}.")
+        image_processor.size, image_processor.crop_size = for_model.size, for_model.crop_size
     return model, image_processor
 
 
@@ -237,6 +257,80 @@ def make_transforms(image_processor, data_args: DataTrainingArguments, augmentat
     return train_transforms, eval_transforms
 
 
+def model_card(
+    model_id: str,
+    model,
+    model_args: ModelArguments,
+    data_args: DataTrainingArguments,
+    hyperparameters: dict,
+    accuracy: float | None,
+) -> ModelCard:
+    """The model card of a fine-tuned (or newly trained) folder; `model_id` is its Hub repo id when pushed, else the
+    folder name. Metadata only states what is known: the base model and dataset when they are Hub ids, the measured
+    validation accuracy; no license is invented."""
+    config = model.config
+    base = model_args.model_name_or_path
+    base_on_hub = base is not None and not Path(base).exists()
+    dataset_on_hub = data_args.dataset_name is not None and not Path(data_args.dataset_name).exists()
+    if base is not None:
+        origin = f"fine-tuned from [{base}](https://huggingface.co/{base})"
+        if not base_on_hub:
+            origin = f"fine-tuned from a local `{Path(base).name}`"
+    else:
+        origin = f"trained from scratch ({model_args.model_preset or model_args.config_name})"
+    data = f"`{data_args.dataset_name}`" if data_args.dataset_name else "a local image folder"
+    labels = list(config.id2label.values())
+    shown = ", ".join(f"`{label}`" for label in labels[:20]) + (", ..." if len(labels) > 20 else "")
+    height, width = config.image_size_2d
+    kind = "Focal-fast" if config.attention_type == "focal_fast" else "Focal"
+    summary = (
+        f"A Focal Transformer image classifier ({kind} attention, {model.num_parameters() / 1e6:.1f}M parameters, "
+        f"{height}x{width} px) {origin} on {data}. {len(labels)} classes: {shown}."
+    )
+    lines = [f"- {name}: {value}" for name, value in hyperparameters.items()]
+    sections = "## Training\n\nWith focal-hf's fine-tuning example, on these settings:\n\n" + "\n".join(lines)
+    eval_results = []
+    if accuracy is not None:
+        sections += f"\n\nAccuracy on the validation split: {accuracy:.4f}."
+        eval_results.append(
+            EvalResult(
+                task_type="image-classification",
+                dataset_type=data_args.dataset_name or "imagefolder",
+                dataset_name=data_args.dataset_name or Path(data_args.validation_dir or data_args.train_dir).name,
+                dataset_split="validation",
+                metric_type="accuracy",
+                metric_value=accuracy,
+            )
+        )
+    return hub.model_card(
+        model_id,
+        summary,
+        sections,
+        remote_code=model_args.remote_code,
+        datasets=[data_args.dataset_name] if dataset_on_hub else [],
+        base_model=base if base_on_hub else None,
+        eval_results=eval_results,
+    )
+
+
+class CardTrainer(Trainer):
+    """A `Trainer` whose model card (written to `output_dir`, and what `push_to_hub` uploads) is `model_card`'s."""
+
+    def __init__(self, *args, model_card: Callable[[], ModelCard], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.card_builder = model_card
+
+    def create_model_card(self, **kwargs):
+        if self.is_world_process_zero():
+            self.card_builder().save(os.path.join(self.args.output_dir, "README.md"))
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        try:  # at construction, before training: e.g. no right to create repositories in that namespace
+            super().init_hf_repo(token=token, private=private)
+        except HfHubHTTPError as error:
+            raise hub.HubError(f"Cannot create the Hub repository {self.args.hub_model_id!r}: {error}") from error
+
+
 def collate_fn(examples):
     return {
         "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
@@ -261,8 +355,13 @@ def main(args: list[str] | None = None) -> dict:
     logger.setLevel(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     set_seed(training_args.seed)
+    if training_args.use_cpu or not torch.accelerator.is_available():
+        training_args.dataloader_pin_memory = False  # nothing to pin to (and no warning at every run)
+    if training_args.push_to_hub:  # before any work: a valid repo id, a write token, a reachable Hub
+        repo_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+        training_args.hub_model_id = hub.check_push_access(repo_id, training_args.hub_token)
 
-    dataset = load_data(data_args, model_args.cache_dir)
+    dataset = load_data(data_args, model_args.cache_dir, model_args.token)
     labels = dataset["train"].features[data_args.label_column_name].names
     model, image_processor = load_model(model_args, labels)
     augmentation_seed = AugmentationSeed(training_args.seed)
@@ -291,7 +390,22 @@ def main(args: list[str] | None = None) -> dict:
         return accuracy.compute(predictions=np.argmax(prediction.predictions, axis=1), references=prediction.label_ids)
 
     training_args.remove_unused_columns = False  # the transforms need the image column
-    trainer = Trainer(
+    hyperparameters = {
+        "learning rate": training_args.learning_rate,
+        "epochs": training_args.num_train_epochs,
+        "batch size per device": training_args.per_device_train_batch_size,
+        "seed": training_args.seed,
+    }
+    metrics = {}
+    trainer = CardTrainer(
+        model_card=lambda: model_card(
+            training_args.hub_model_id or Path(training_args.output_dir).name,
+            model,
+            model_args,
+            data_args,
+            hyperparameters,
+            metrics.get("eval_accuracy"),
+        ),
         model=model,
         args=training_args,
         train_dataset=dataset["train"] if training_args.do_train else None,
@@ -301,10 +415,11 @@ def main(args: list[str] | None = None) -> dict:
         data_collator=collate_fn,
         callbacks=[EpochCallback(augmentation_seed)],
     )
-    metrics = {}
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()  # model.safetensors, config.json and the image processor
+        # model.safetensors, config.json and the image processor; not pushed yet: the one push comes at the end,
+        # with the model card (and the code)
+        trainer.save_model(_internal_call=True)
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
@@ -314,10 +429,20 @@ def main(args: list[str] | None = None) -> dict:
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
+    if model_args.remote_code and trainer.is_world_process_zero():
+        hub.add_remote_code(training_args.output_dir, model.config, image_processor)
+    trainer.create_model_card()  # README.md, pushed or not
     if training_args.push_to_hub:
-        trainer.push_to_hub(finetuned_from=model_args.model_name_or_path, tasks="image-classification")
+        try:
+            trainer.push_to_hub(commit_message="End of training")
+        except Exception as error:  # the folder is complete: say how to upload it later
+            private, exclude = bool(training_args.hub_private_repo), ["_*", "checkpoint-*"]  # as Trainer uploads
+            raise hub.upload_failed(training_args.output_dir, trainer.hub_model_id, error, private, exclude) from error
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except hub.HubError as error:
+        sys.exit(f"{Path(__file__).name}: error: {error}")

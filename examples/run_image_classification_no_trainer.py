@@ -9,6 +9,9 @@ GPUs/nodes:
     accelerate launch examples/run_image_classification_no_trainer.py --model_name_or_path focal-tiny \\
         --train_dir my_images/train --validation_dir my_images/val --output_dir out \\
         --mixed_precision bf16 --gradient_accumulation_steps 2 --checkpointing_steps epoch
+
+A model card is written to `--output_dir`; `--remote_code` adds the model code for `trust_remote_code=True` users;
+`--push_to_hub [--hub_model_id you/name] [--hub_token ...]` checks the credentials before training.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
+from transformers.hf_argparser import string_to_bool
+
+from focal_hf import hub
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_image_classification import (  # noqa: E402
@@ -43,6 +49,7 @@ from run_image_classification import (  # noqa: E402
     load_data,
     load_model,
     make_transforms,
+    model_card,
 )
 
 logger = get_logger(__name__)
@@ -70,6 +77,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--image_processor_name")
     model.add_argument("--cache_dir")
     model.add_argument("--trust_remote_code", action="store_true")
+    model.add_argument(
+        "--ignore_mismatched_sizes",
+        type=string_to_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="replace a classifier of another size (e.g. ImageNet's 1000 classes); default true",
+    )
+    model.add_argument("--no_ignore_mismatched_sizes", dest="ignore_mismatched_sizes", action="store_false")
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", required=True)
     train.add_argument("--per_device_train_batch_size", type=int, default=8)
@@ -88,8 +104,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--resume_from_checkpoint", help="a checkpoint folder written by --checkpointing_steps")
     train.add_argument("--with_tracking", action="store_true", help="log metrics with accelerate's trackers")
     train.add_argument("--report_to", default="all", help="trackers for --with_tracking")
-    train.add_argument("--push_to_hub", action="store_true")
-    train.add_argument("--hub_model_id")
+    hub_group = parser.add_argument_group("sharing")
+    hub_group.add_argument("--push_to_hub", action="store_true", help="upload --output_dir to the Hub at the end")
+    hub_group.add_argument("--hub_model_id", help="the Hub repository (default: the name of --output_dir)")
+    hub_group.add_argument("--hub_token", help="token for the Hub (pushing, private models and datasets)")
+    hub_group.add_argument(
+        "--remote_code",
+        action="store_true",
+        help="also save the model code and auto_map, for trust_remote_code=True users without focal_hf",
+    )
     args = parser.parse_args(argv)
     if args.checkpointing_steps not in (None, "epoch") and not args.checkpointing_steps.isdigit():
         parser.error(f"--checkpointing_steps must be a number of steps or 'epoch', got {args.checkpointing_steps!r}")
@@ -116,16 +139,27 @@ def parse_args(argv=None) -> argparse.Namespace:
             config_overrides=args.config_overrides,
             image_processor_name=args.image_processor_name,
             cache_dir=args.cache_dir,
+            token=args.hub_token,
             trust_remote_code=args.trust_remote_code,
+            ignore_mismatched_sizes=args.ignore_mismatched_sizes,
+            remote_code=args.remote_code,
         )
     except ValueError as error:
         parser.error(str(error))
+    if args.push_to_hub:
+        try:
+            hub.check_repo_id(args.hub_model_id or Path(args.output_dir).absolute().name)
+        except hub.HubError as error:
+            parser.error(f"{error} Pass --hub_model_id.")
     return args
 
 
 def main(argv=None) -> dict:
     """Train and evaluate; returns the final metrics (on the main process)."""
     args = parse_args(argv)
+    repo_id = None
+    if args.push_to_hub:  # before any work: a write token and a reachable Hub
+        repo_id = hub.check_push_access(args.hub_model_id or Path(args.output_dir).absolute().name, args.hub_token)
     accelerator = Accelerator(
         cpu=args.cpu or not torch.accelerator.is_available(),  # several CPU processes (torchrun) run as MULTI_CPU
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -139,7 +173,7 @@ def main(argv=None) -> dict:
     set_seed(args.seed)
 
     with accelerator.main_process_first():
-        dataset = load_data(args.data, args.model.cache_dir)
+        dataset = load_data(args.data, args.model.cache_dir, args.hub_token)
     labels = dataset["train"].features[args.label_column_name].names
     model, image_processor = load_model(args.model, labels)
     augmentation_seed = AugmentationSeed(args.seed)
@@ -252,11 +286,32 @@ def main(argv=None) -> dict:
     )
     if accelerator.is_main_process:
         image_processor.save_pretrained(args.output_dir)
+        if args.remote_code:
+            hub.add_remote_code(args.output_dir, unwrapped.config, image_processor)
         with open(os.path.join(args.output_dir, "all_results.json"), "w") as handle:
             json.dump({"eval_accuracy": metrics["accuracy"]}, handle)
-        if args.push_to_hub:
-            unwrapped.push_to_hub(args.hub_model_id or Path(args.output_dir).name)
-            image_processor.push_to_hub(args.hub_model_id or Path(args.output_dir).name)
+        hyperparameters = {
+            "learning rate": args.learning_rate,
+            "training steps": max_train_steps,
+            "batch size per device": args.per_device_train_batch_size,
+            "processes": accelerator.num_processes,
+            "gradient accumulation steps": args.gradient_accumulation_steps,
+            "mixed precision": accelerator.mixed_precision,
+            "seed": args.seed,
+        }
+        card = model_card(
+            repo_id or Path(args.output_dir).name,
+            unwrapped,
+            args.model,
+            args.data,
+            hyperparameters,
+            metrics["accuracy"],
+        )
+        card.save(os.path.join(args.output_dir, "README.md"))
+        if repo_id:
+            # the model, not the training state: checkpoints (and hidden staging folders) stay local
+            exclude = ["step_*", "epoch_*", ".*"]
+            hub.push_folder(args.output_dir, repo_id, args.hub_token, commit_message="End of training", exclude=exclude)
     return metrics
 
 
@@ -273,4 +328,7 @@ def evaluate_model(accelerator: Accelerator, model, eval_dataloader) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except hub.HubError as error:
+        sys.exit(f"{Path(__file__).name}: error: {error}")

@@ -33,3 +33,90 @@ def tiny_config(**overrides):
     )
     kwargs.update(overrides)
     return FocalConfig(**kwargs)
+
+
+class FakeHub:
+    """The Hub calls of `huggingface_hub.HfApi`, recorded instead of sent (the Hub is offline in tests)."""
+
+    def __init__(self, monkeypatch, user="you", role="write"):
+        import huggingface_hub
+        from huggingface_hub import RepoUrl
+        from huggingface_hub.utils import filter_repo_objects
+
+        self.calls, self.uploads, self.user, self.role = [], [], user, role
+
+        def whoami(api, *args, **kwargs):
+            self.calls.append(("whoami", api.token))
+            return {"name": self.user, "auth": {"accessToken": {"role": self.role}}}
+
+        def create_repo(api, repo_id, **kwargs):
+            self.calls.append(("create_repo", repo_id, kwargs))
+            return RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else f'{self.user}/{repo_id}'}")
+
+        def upload_folder(api, *, folder_path, repo_id, **kwargs):
+            self.calls.append(("upload_folder", repo_id, kwargs))
+            folder = Path(folder_path)
+            files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+            patterns = {key: kwargs.get(key) for key in ("allow_patterns", "ignore_patterns")}
+            kept = filter_repo_objects(files, **patterns)
+            self.uploads.append({path: files[path] for path in kept})  # what `upload_folder` would send
+            return f"https://huggingface.co/{repo_id}/commit/0"
+
+        for name, method in (("whoami", whoami), ("create_repo", create_repo), ("upload_folder", upload_folder)):
+            monkeypatch.setattr(huggingface_hub.HfApi, name, method)
+
+
+def hub_http_error(status: int, message: str):
+    """An `HfHubHTTPError` as huggingface_hub raises it for an HTTP `status` (built on its own HTTP library)."""
+    import importlib
+
+    from huggingface_hub import errors
+
+    http = importlib.import_module(errors.Response.__module__.split(".")[0])
+    response = http.Response(status, request=http.Request("POST", "https://huggingface.co/api"))
+    return errors.HfHubHTTPError(message, response=response)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    return FakeHub(monkeypatch)
+
+
+# Loads a folder the way a user without focal_hf does: in a fresh interpreter where `import focal_hf` fails.
+REMOTE_CODE_PROBE = """
+import sys
+sys.modules["focal_hf"] = None  # importing focal_hf (installed or on the path) now raises ImportError
+import json
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+folder, image = sys.argv[1], sys.argv[2]
+processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)
+classifier = pipeline("image-classification", model=folder, trust_remote_code=True)
+print(json.dumps({
+    "classes": [type(processor).__name__, type(model).__name__, type(classifier.model).__name__],
+    "code": [type(processor).__module__, type(model).__module__],
+    "predictions": classifier(Image.open(image), top_k=5),
+}))
+"""
+
+
+def load_without_focal_hf(folder, image, tmp_path) -> dict:
+    """`AutoImageProcessor`, `AutoModelForImageClassification` and the pipeline on `folder` with
+    `trust_remote_code=True`, in a subprocess that cannot import focal_hf; returns their classes and predictions."""
+    import json
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_PROBE, str(folder), str(image)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -2,18 +2,23 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import hub_http_error, load_without_focal_hf
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoModelForImageClassification, pipeline
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-import focal_hf  # noqa: F401
+import focal_hf
+from focal_hf import hub
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -66,27 +71,31 @@ def model_args(image_folder):
 
 def test_trainer_example_learns_and_saves_a_loadable_folder(image_folder, tmp_path):
     output = tmp_path / "trainer"
-    metrics = run_image_classification.main(
-        [
-            *model_args(image_folder),
-            "--output_dir",
-            str(output),
-            "--do_train",
-            "--do_eval",
-            "--num_train_epochs",
-            "4",
-            "--per_device_train_batch_size",
-            "4",
-            "--learning_rate",
-            "1e-3",
-            "--logging_steps",
-            "1",
-            "--report_to",
-            "none",
-            "--save_strategy",
-            "no",
-        ]
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = run_image_classification.main(
+            [
+                *model_args(image_folder),
+                "--output_dir",
+                str(output),
+                "--do_train",
+                "--do_eval",
+                "--num_train_epochs",
+                "4",
+                "--per_device_train_batch_size",
+                "4",
+                "--learning_rate",
+                "1e-3",
+                "--logging_steps",
+                "1",
+                "--report_to",
+                "none",
+                "--save_strategy",
+                "no",
+            ]
+        )
+    if not torch.accelerator.is_available():  # pin_memory is turned off where there is nothing to pin to
+        assert not [w for w in caught if "pin_memory" in str(w.message)]
     history = json.loads((output / "trainer_state.json").read_text())["log_history"]
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert len(losses) == 24 and np.mean(losses[-4:]) < np.mean(losses[:4])  # the loss falls
@@ -98,6 +107,19 @@ def test_trainer_example_learns_and_saves_a_loadable_folder(image_folder, tmp_pa
         str(image_folder / "validation" / "dark" / "0.png"), top_k=2
     )
     assert {entry["label"] for entry in prediction} == {"bright", "dark"}
+    # a model card either way: the folder's name in the usage snippet, the measured accuracy, nothing invented
+    card = ModelCard.load(output / "README.md")
+    assert card.data.pipeline_tag == "image-classification" and card.data.library_name == "transformers"
+    assert (
+        'model="trainer"' in card.text and "trust_remote_code" not in card.text and "@misc{yang2021focal" in card.text
+    )
+    assert card.data.license is None and card.data.base_model is None and card.data.datasets is None
+    [result] = card.data.eval_results
+    assert (result.metric_type, result.metric_value, result.dataset_type) == (
+        "accuracy",
+        metrics["eval_accuracy"],
+        "imagefolder",
+    )
 
 
 def no_trainer_args(image_folder, output, *extra):
@@ -125,6 +147,8 @@ def test_accelerate_example_learns(image_folder, tmp_path):
     assert len(losses) == 24 and np.mean(losses[-4:]) < np.mean(losses[:4])
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path)
     assert reloaded.config.label2id == {"bright": 0, "dark": 1}
+    card = ModelCard.load(tmp_path / "README.md")  # a card, pushed or not
+    assert f'model="{tmp_path.name}"' in card.text and card.data.eval_results[0].metric_value == metrics["accuracy"]
 
 
 @pytest.mark.parametrize("stop_after", [5, 6])  # mid-epoch and at an epoch's end (6 steps per epoch)
@@ -216,3 +240,168 @@ def test_unlabelled_data_is_explained(tmp_path):
                 "none",
             ]
         )
+
+
+def trainer_args(image_folder, output, *extra):
+    """A short Trainer run (one epoch) of the tiny model."""
+    return [
+        *model_args(image_folder),
+        "--output_dir",
+        str(output),
+        "--do_train",
+        "--do_eval",
+        "--num_train_epochs",
+        "1",
+        "--per_device_train_batch_size",
+        "8",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        *extra,
+    ]
+
+
+def test_trainer_push_to_hub_with_remote_code(image_folder, tmp_path, fake_hub):
+    output = tmp_path / "trainer"
+    args = ["--push_to_hub", "--hub_model_id", "you/focal-bright-dark", "--hub_token", "hf_x", "--remote_code"]
+    metrics = run_image_classification.main(trainer_args(image_folder, output, *args))
+    assert fake_hub.calls[0] == ("whoami", "hf_x")  # checked before any work
+    assert [call[:2] for call in fake_hub.calls[1:]] == [
+        ("create_repo", "you/focal-bright-dark"),
+        ("upload_folder", "you/focal-bright-dark"),
+    ]
+    [upload] = fake_hub.uploads
+    assert {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "configuration_focal.py",
+        "modeling_focal.py",
+        "image_processing_focal.py",
+    } <= set(upload)
+    config = json.loads(upload["config.json"].read_text())
+    assert config["id2label"] == {"0": "bright", "1": "dark"} and config["auto_map"] == hub.AUTO_MAP
+    card = ModelCard.load(upload["README.md"])
+    assert 'model="you/focal-bright-dark")' in card.text
+    assert 'model="you/focal-bright-dark", trust_remote_code=True)' in card.text
+    assert card.data.eval_results[0].metric_value == metrics["eval_accuracy"]
+    # the uploaded folder works for a user without focal_hf: same labels and scores as with it
+    image = image_folder / "validation" / "dark" / "0.png"
+    remote = load_without_focal_hf(output, image, tmp_path)
+    assert remote["classes"] == ["FocalImageProcessor", "FocalForImageClassification", "FocalForImageClassification"]
+    expected = pipeline("image-classification", model=str(output))(Image.open(image), top_k=5)
+    assert [p["label"] for p in remote["predictions"]] == [p["label"] for p in expected] and len(expected) == 2
+    assert [p["score"] for p in remote["predictions"]] == pytest.approx([p["score"] for p in expected], abs=1e-6)
+
+
+def test_accelerate_push_to_hub(image_folder, tmp_path, fake_hub):
+    output = tmp_path / "focal-run"
+    args = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--push_to_hub", "--hub_token", "hf_x"]
+    metrics = run_image_classification_no_trainer.main(no_trainer_args(image_folder, output, *args))
+    assert fake_hub.calls[:2] == [
+        ("whoami", "hf_x"),
+        ("create_repo", "you/focal-run", {"private": False, "exist_ok": True, "repo_type": "model"}),
+    ]
+    assert fake_hub.calls[2][:2] == ("upload_folder", "you/focal-run") and len(fake_hub.calls) == 3
+    assert (output / "step_2").is_dir()  # the checkpoints stay local
+    [upload] = fake_hub.uploads
+    assert sorted(upload) == [
+        "README.md",
+        "all_results.json",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]  # no code unless --remote_code
+    assert json.loads(upload["config.json"].read_text())["id2label"] == {"0": "bright", "1": "dark"}
+    card = ModelCard.load(upload["README.md"])
+    assert 'model="you/focal-run")' in card.text and card.data.eval_results[0].metric_value == metrics["accuracy"]
+
+
+def test_push_is_checked_before_any_work(image_folder, tmp_path, monkeypatch):
+    import huggingface_hub.hf_api
+
+    output = tmp_path / "out"
+    # HF_HUB_OFFLINE=1 (as in these tests): one clear error, nothing trained or written
+    with pytest.raises(hub.HubError, match="offline mode is on"):
+        run_image_classification.main(trainer_args(image_folder, output, "--push_to_hub", "--hub_token", "hf_x"))
+    monkeypatch.setattr(huggingface_hub.hf_api, "get_token", lambda: None)  # nobody logged in
+    with pytest.raises(hub.HubError, match="no Hugging Face token"):
+        run_image_classification_no_trainer.main(no_trainer_args(image_folder, output, "--push_to_hub"))
+    with pytest.raises(SystemExit):  # an invalid repository id is an argument error
+        run_image_classification_no_trainer.main(
+            no_trainer_args(image_folder, output, "--push_to_hub", "--hub_model_id", "you/my photos")
+        )
+    with pytest.raises(hub.HubError, match="not a valid Hub repository id"):
+        run_image_classification.main(
+            trainer_args(image_folder, output, "--push_to_hub", "--hub_model_id", "you/my/photos")
+        )
+    assert not output.exists()
+
+
+def test_failed_accelerate_upload_keeps_the_folder(image_folder, tmp_path, fake_hub, monkeypatch):
+    from huggingface_hub import HfApi
+
+    def upload_folder(api, **kwargs):
+        raise ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    output = tmp_path / "run"
+    command = f"hf upload you/run {output} . --repo-type model --exclude 'step_*' --exclude 'epoch_*' --exclude '.*'"
+    with pytest.raises(hub.HubError, match=re.escape(command)):
+        run_image_classification_no_trainer.main(
+            no_trainer_args(image_folder, output, "--max_train_steps", "1", "--push_to_hub")
+        )
+    assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json"} <= {
+        p.name for p in output.iterdir()
+    }
+    assert AutoModelForImageClassification.from_pretrained(output).config.num_labels == 2
+
+
+def test_ignore_mismatched_sizes_flag(tmp_path):
+    # a saved 3-class model, fine-tuned on 2 labels: its classifier is replaced only when allowed
+    config = focal_hf.FocalConfig(**json.loads(TINY_MODEL), num_labels=3)
+    focal_hf.FocalForImageClassification(config).save_pretrained(tmp_path / "three")
+    focal_hf.FocalImageProcessor.for_image_size(config.image_size).save_pretrained(tmp_path / "three")
+    argv = ["--model_name_or_path", str(tmp_path / "three"), "--train_dir", str(tmp_path), "--output_dir", "o"]
+    assert run_image_classification_no_trainer.parse_args(argv).model.ignore_mismatched_sizes is True
+    assert run_image_classification_no_trainer.parse_args([*argv, "--ignore_mismatched_sizes"]).ignore_mismatched_sizes
+    refused = run_image_classification_no_trainer.parse_args([*argv, "--no_ignore_mismatched_sizes"]).model
+    assert refused.ignore_mismatched_sizes is False
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        run_image_classification.load_model(refused, ["a", "b"])
+    allowed = run_image_classification_no_trainer.parse_args([*argv, "--ignore_mismatched_sizes", "true"]).model
+    model, _ = run_image_classification.load_model(allowed, ["a", "b"])
+    assert model.classifier.out_features == 2
+
+
+def test_processor_follows_the_model_image_size(tmp_path):
+    args = run_image_classification.ModelArguments(model_preset="focal-tiny", config_overrides=TINY_MODEL)
+    model, processor = run_image_classification.load_model(args, ["a", "b"])
+    assert processor.crop_size == {"height": 32, "width": 32} and processor.size == {"shortest_edge": 36}
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    # a pretrained folder used at another image size: the processor crops that size
+    args = run_image_classification.ModelArguments(
+        model_name_or_path=str(tmp_path), config_overrides='{"image_size": 64}'
+    )
+    model, processor = run_image_classification.load_model(args, ["a", "b"])
+    assert model.config.image_size == 64
+    assert processor.crop_size == {"height": 64, "width": 64} and processor.size == {"shortest_edge": 73}
+    assert AutoImageProcessor.from_pretrained(tmp_path).crop_size == {"height": 32, "width": 32}
+
+
+def test_trainer_repository_creation_refused_is_one_error(image_folder, tmp_path, fake_hub, monkeypatch):
+    from huggingface_hub import HfApi
+
+    def create_repo(api, repo_id, **kwargs):
+        raise hub_http_error(403, "403 Forbidden: no rights in namespace 'org'")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    output = tmp_path / "out"
+    with pytest.raises(hub.HubError, match="Cannot create the Hub repository 'org/focal': 403 Forbidden"):
+        run_image_classification.main(
+            trainer_args(image_folder, output, "--push_to_hub", "--hub_model_id", "org/focal")
+        )
+    assert not (output / "model.safetensors").exists()  # refused before training

@@ -8,7 +8,7 @@ from conftest import FIXTURES, PARITY_CASES
 from safetensors.torch import load_file
 
 import focal_hf
-from focal_hf import FocalConfig, convert_original_state_dict, load_original_checkpoint, official_config
+from focal_hf import convert_original_state_dict, load_original_checkpoint, official_config
 from focal_hf.modeling_focal import focal_fast_key_layout, window_order
 from focal_hf.original import OFFICIAL_MODELS
 
@@ -38,23 +38,23 @@ def test_outputs_match_official(case, attn_implementation):
 
 
 def test_original_config_reading():
-    config = FocalConfig.from_original_config(FIXTURES / "v2_useconv_224.yaml")
+    config = focal_hf.config_from_original(FIXTURES / "v2_useconv_224.yaml")
     assert config.attention_type == "focal_fast" and config.focal_topk == 128
     assert config.use_conv_embed and config.num_labels == 10 and config.embed_dim == 16
     assert config.qk_scale is None  # absent key: official default QK_SCALE False = head_dim ** -0.5
-    v1 = FocalConfig.from_original_config(FIXTURES / "v1_fc_224.yaml")
+    v1 = focal_hf.config_from_original(FIXTURES / "v1_fc_224.yaml")
     assert v1.attention_type == "focal" and not v1.use_conv_embed and v1.focal_pool == "fc"
 
 
 def test_original_config_defaults_for_absent_keys():
-    config = FocalConfig.from_original_config({"MODEL": {"TYPE": "focal"}})
+    config = focal_hf.config_from_original({"MODEL": {"TYPE": "focal"}})
     assert config.image_size == 224 and config.num_labels == 1000 and config.patch_size == 4
     assert config.embed_dim == 96 and config.depths == [2, 2, 6, 2] and config.num_heads == [3, 6, 12, 24]
     assert config.focal_pool == "none" and config.focal_levels == [1, 1, 1, 1]
     assert config.focal_windows == [7, 5, 3, 1] and config.expand_sizes == [3, 3, 3, 3]
     assert config.expand_layer == "all" and config.window_size == 7 and config.drop_path_rate == 0.1
     assert not (config.use_shift or config.use_conv_embed or config.use_layerscale or config.use_pre_norm)
-    scaled = FocalConfig.from_original_config({"MODEL": {"FOCAL": {"QK_SCALE": 0.25}}, "DATA": {"IMG_SIZE": 256}})
+    scaled = focal_hf.config_from_original({"MODEL": {"FOCAL": {"QK_SCALE": 0.25}}, "DATA": {"IMG_SIZE": 256}})
     assert scaled.qk_scale == 0.25 and scaled.image_size == 256
 
 
@@ -68,15 +68,15 @@ def test_original_config_defaults_for_absent_keys():
 )
 def test_original_config_errors(original, message):
     with pytest.raises(ValueError, match=message):
-        FocalConfig.from_original_config(original)
+        focal_hf.config_from_original(original)
 
 
 def test_original_config_unreadable_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("MODEL: [unclosed")
     with pytest.raises(ValueError, match="not valid YAML"):
-        FocalConfig.from_original_config(tmp_path / "bad.yaml")
+        focal_hf.config_from_original(tmp_path / "bad.yaml")
     with pytest.raises(ValueError, match="Cannot read"):
-        FocalConfig.from_original_config(tmp_path / "missing.yaml")
+        focal_hf.config_from_original(tmp_path / "missing.yaml")
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
@@ -104,7 +104,7 @@ def test_official_names():
 
 def test_checkpoint_wrapped_or_raw_and_buffers_recomputed():
     raw = torch.load(FIXTURES / "v2_useconv_224.pth", weights_only=True)
-    config = FocalConfig.from_original_config(FIXTURES / "v2_useconv_224.yaml")
+    config = focal_hf.config_from_original(FIXTURES / "v2_useconv_224.yaml")
     wrapped = convert_original_state_dict({"model": raw}, config)
     direct = convert_original_state_dict(raw, config)
     assert wrapped.keys() == direct.keys()
@@ -125,7 +125,7 @@ def test_checkpoint_wrapped_or_raw_and_buffers_recomputed():
 
 def test_conversion_errors_name_the_keys():
     raw = torch.load(FIXTURES / "v1_fc_224.pth", weights_only=True)
-    config = FocalConfig.from_original_config(FIXTURES / "v1_fc_224.yaml")
+    config = focal_hf.config_from_original(FIXTURES / "v1_fc_224.yaml")
     missing = dict(raw)
     del missing["layers.1.blocks.0.attn.qkv.weight"]
     with pytest.raises(ValueError, match=r"missing keys.*layers\.1\.blocks\.0\.attention\.qkv\.weight"):
@@ -136,7 +136,7 @@ def test_conversion_errors_name_the_keys():
     misshaped = {**raw, "head.weight": torch.zeros(3, 3)}
     with pytest.raises(ValueError, match=r"mis-shaped keys.*head\.weight: checkpoint \(3, 3\)"):
         convert_original_state_dict(misshaped, config)
-    other_config = FocalConfig.from_original_config(FIXTURES / "v1_useconv_224.yaml")
+    other_config = focal_hf.config_from_original(FIXTURES / "v1_useconv_224.yaml")
     with pytest.raises(ValueError, match="does not match the config"):
         convert_original_state_dict(raw, other_config)
 

@@ -13,7 +13,13 @@ from transformers import (
 from .configuration_focal import FocalConfig
 from .image_processing_focal import FocalImageProcessor
 from .modeling_focal import FocalBackbone, FocalForImageClassification, FocalModel, FocalPreTrainedModel
-from .original import convert_original_state_dict, load_original_checkpoint, official_config
+from .original import (
+    config_from_original,
+    convert_original_state_dict,
+    image_processor_from_original,
+    load_original_checkpoint,
+    official_config,
+)
 
 __version__ = "0.1.0"
 
@@ -30,7 +36,9 @@ __all__ = [
     "FocalImageProcessor",
     "FocalModel",
     "FocalPreTrainedModel",
+    "config_from_original",
     "convert_original_state_dict",
+    "image_processor_from_original",
     "load_original_checkpoint",
     "official_config",
 ]

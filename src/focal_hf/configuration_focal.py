@@ -46,7 +46,7 @@ class FocalConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a Focal Transformer ([Yang et al., 2021](https://huggingface.co/papers/2107.00641)). The
     defaults give Focal-T (`focal-tiny`) of the official release; `focal_hf.official_config(name)` gives every
-    official architecture and `FocalConfig.from_original_config(yaml)` reads the official YAML schema.
+    official architecture and `focal_hf.config_from_original(yaml)` reads the official YAML schema.
 
     Args:
         image_size (`int` or `list[int]`, *optional*, defaults to 224):
@@ -309,16 +309,6 @@ class FocalConfig(BackboneConfigMixin, PreTrainedConfig):
                     f"Focal-fast attention with `focal_levels[{stage}]`={level} needs pooled windows in stage "
                     f"{stage}: set `focal_pool` other than 'none' and list the stage in `focal_stages`."
                 )
-
-    # --------------------------------------------------------- official configs
-    @classmethod
-    def from_original_config(cls, path_or_dict, **kwargs) -> FocalConfig:
-        """Build a config from the official YAML schema (`MODEL.TYPE`, `MODEL.NUM_CLASSES`, `MODEL.FOCAL.*`,
-        `DATA.IMG_SIZE`), a path to such a file or the parsed dict. Absent keys take the official defaults.
-        `kwargs` override the result's attributes (e.g. `id2label`)."""
-        from .original import config_kwargs_from_original
-
-        return cls(**{**config_kwargs_from_original(path_or_dict), **kwargs})
 
 
 def pooled_window_size(window_size: int, level: int) -> int:

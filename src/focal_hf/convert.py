@@ -8,7 +8,8 @@
 
 The folder holds `config.json` (with the ImageNet-1K class names for 1000-class models), `model.safetensors`,
 `preprocessor_config.json` and a model card; it is written to a temporary folder, reloaded and checked against the
-converted model, then renamed into place, so a failure leaves nothing behind.
+converted model, then renamed into place, so a failure leaves nothing behind. With --push-to-hub the repository id
+and the Hub credentials are checked before anything is converted.
 """
 
 from __future__ import annotations
@@ -20,16 +21,25 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import EvalResult, ModelCard
 
+from . import hub
 from .configuration_focal import FocalConfig
 from .image_processing_focal import FocalImageProcessor
 from .modeling_focal import FocalForImageClassification
-from .original import convert_original_state_dict, load_original_state_dict, official_config
+from .original import (
+    config_from_original,
+    convert_original_state_dict,
+    image_processor_from_original,
+    load_original_state_dict,
+    official_config,
+)
 
 logger = logging.getLogger("focal_hf.convert")
 
@@ -42,6 +52,17 @@ OFFICIAL_FILES = {
     },
     **{f"focal-fast-{size}": f"focalv2-{size}-useconv-is224-ws7.pth" for size in ("tiny", "small", "base")},
 }
+# the official YAML (microsoft/Focal-Transformer configs/) of each official checkpoint
+OFFICIAL_CONFIGS = {
+    **{
+        f"focal-{size}{suffix}": f"focal_{size}{suffix.replace('-', '_')}_patch4_window7_224.yaml"
+        for size in ("tiny", "small", "base")
+        for suffix in ("", "-useconv")
+    },
+    **{f"focal-fast-{size}": f"focalv2_{size}_useconv_patch4_window7_224.yaml" for size in ("tiny", "small", "base")},
+}
+OFFICIAL_REPOSITORY = "https://github.com/microsoft/Focal-Transformer"
+OFFICIAL_LICENSE = "mit"  # the official repository's LICENSE (MIT), which covers its released checkpoints
 # reported by the official repository (ImageNet-1K top-1 at 224 px)
 REPORTED_TOP1 = {
     "focal-tiny": 82.2,
@@ -55,7 +76,6 @@ REPORTED_TOP1 = {
     "focal-fast-base": 84.0,
 }
 CACHE = Path(os.environ.get("FOCAL_HF_CACHE", Path.home() / ".cache" / "focal_hf"))
-REMOTE_CODE_FILES = ("configuration_focal.py", "modeling_focal.py", "original.py")  # original: from_original_config
 
 
 class ConversionError(Exception):
@@ -93,52 +113,96 @@ def fetch_checkpoint(checkpoint: str | None, model_name: str | None) -> Path:
     return target
 
 
-def model_card(name: str, config: FocalConfig, source: str, num_parameters: int) -> str:
-    """The README.md of a converted folder."""
-    top1 = REPORTED_TOP1.get(name)
+@dataclass
+class CardInfo:
+    """What the model card of a converted folder says beyond the model itself."""
+
+    model_id: str  # the Hub repository id when pushing, else the folder name
+    official_name: str | None = None  # --model-name: an official ImageNet-1K checkpoint
+    config_source: str = ""  # the official config it was built from
+    license: str | None = None  # --license (official checkpoints: the official repository's)
+    datasets: list[str] = field(default_factory=list)  # --dataset (official checkpoints: imagenet-1k)
+    remote_code: bool = False
+
+
+def model_card(
+    info: CardInfo, config: FocalConfig, processor: FocalImageProcessor, checkpoint: str, num_parameters: int
+) -> ModelCard:
+    """The model card (README.md) of a converted folder. Official checkpoints get the official repository's license,
+    ImageNet-1K and the authors' top-1; others only the license and datasets the user passed."""
     kind = "Focal-fast (official `focalv2`)" if config.attention_type == "focal_fast" else "Focal (official `focal`)"
-    accuracy = f"{top1} % ImageNet-1K top-1 at 224 px (reported by the authors)" if top1 else "not reported"
-    return f"""---
-license: mit
-library_name: transformers
-tags: [image-classification, vision, focal-transformer]
-datasets: [imagenet-1k]
----
+    license, datasets, eval_results = info.license, info.datasets, []
+    official = f"[microsoft/Focal-Transformer]({OFFICIAL_REPOSITORY})"
+    if info.official_name:
+        origin = f"the official `{info.official_name}` ImageNet-1K checkpoint of {official}"
+        license, datasets = OFFICIAL_LICENSE, ["imagenet-1k"]
+        top1 = REPORTED_TOP1[info.official_name]
+        eval_results = [
+            EvalResult(
+                task_type="image-classification",
+                dataset_type="imagenet-1k",
+                dataset_name="ImageNet-1K",
+                dataset_split="validation",
+                metric_type="accuracy",
+                metric_name="Top-1 accuracy (%)",
+                metric_value=top1,
+                source_name="microsoft/Focal-Transformer (reported by the authors)",
+                source_url=OFFICIAL_REPOSITORY,
+            )
+        ]
+        facts = [
+            f"ImageNet-1K top-1: {top1} % at 224 px, as reported by the authors for the official checkpoint (not "
+            f"re-measured after conversion).",
+            "License: MIT, the official repository's.",
+        ]
+    else:
+        origin = f"a checkpoint in the format of {official} (not one of the official ImageNet-1K releases)"
+        facts = [f"License: {license}." if license else "License: not stated."]
+        facts += [f"Training data: {', '.join(datasets)}."] if datasets else []
+    height, width = config.image_size_2d
+    facts += [
+        f"Parameters: {num_parameters / 1e6:.1f}M; built for {height}x{width} px inputs (any size of at least "
+        f"{config.total_stride} px runs); {config.num_labels} classes.",
+    ]
+    crop, size = processor.crop_size, processor.size
+    if not processor.do_resize:
+        transform = "no resizing"
+    elif processor.do_center_crop:
+        transform = f"shorter side to {size['shortest_edge']}, centre crop {crop['height']}x{crop['width']}"
+    else:
+        transform = f"resize to {size['height']}x{size['width']}"
+    summary = (
+        f"A Focal Transformer image classifier (*Focal Self-attention for Local-Global Interactions in Vision "
+        f"Transformers*, Yang et al., NeurIPS 2021, [arXiv:2107.00641](https://arxiv.org/abs/2107.00641)) with "
+        f"{kind} attention, converted from {origin}.\n\n" + "\n".join(f"- {fact}" for fact in facts)
+    )
+    reference = "focal_transformer_v2.py" if config.attention_type == "focal_fast" else "focal_transformer.py"
+    sections = f"""## Conversion and parity
 
-# {name}
+Converted with `focal-convert` (focal-hf) from `{checkpoint}` with the official config `{info.config_source}`: the
+official state dict was renamed to the focal-hf layout and the buffers the official code saves were dropped (they
+are recomputed from the config).
 
-A Focal Transformer — *Focal Self-attention for Local-Global Interactions in Vision Transformers* (Yang et al.,
-NeurIPS 2021, [arXiv:2107.00641](https://arxiv.org/abs/2107.00641)) — image classifier, {kind} attention,
-converted from the official checkpoint of [microsoft/Focal-Transformer](https://github.com/microsoft/Focal-Transformer).
-
-- Accuracy: {accuracy}.
-- Parameters: {num_parameters / 1e6:.1f}M; input {config.image_size} px (any size of at least
-  {config.total_stride} px runs).
-- Licence of the original weights: MIT (the official repository's).
-
-## Usage
-
-```python
-import focal_hf  # pip install focal-hf (or load with trust_remote_code=True where the code was uploaded)
-from transformers import pipeline
-
-classifier = pipeline("image-classification", model="{name}")
-classifier("cat.jpg")
-```
-
-The image processor reproduces the official evaluation transform (resize to 256 with bicubic, centre crop 224,
-ImageNet mean/std).
-
-## Conversion
-
-Converted with `focal-convert` from `{source}`: the official state dict was renamed to the focal-hf layout, the
-buffers the official code saves were dropped (they are recomputed), and the converted model was reloaded from this
-folder and checked to give the same outputs. On reference inputs the focal-hf implementation matches the official
-code within 1e-4.
+- The focal-hf model code matches the official implementation (`classification/{reference}`) within a maximum
+  absolute difference of 1e-4 (float32) on the logits, the pooled output and every stage's output, on focal-hf's
+  reference inputs (the official code run on randomised weights of this architecture family).
+- This folder was reloaded after writing and reproduces the converted model exactly (maximum difference 0).
+- The image processor is the official evaluation transform ({transform}, ImageNet mean and std).
 """
+    return hub.model_card(
+        info.model_id,
+        summary,
+        sections,
+        remote_code=info.remote_code,
+        license=license,
+        datasets=datasets,
+        eval_results=eval_results,
+    )
 
 
-def convert(config: FocalConfig, checkpoint: Path, output_dir: Path, name: str, remote_code: bool) -> Path:
+def convert(
+    config: FocalConfig, checkpoint: Path, output_dir: Path, card: CardInfo, processor: FocalImageProcessor
+) -> Path:
     """Convert `checkpoint` for `config` into `output_dir` (which must not exist), atomically; returns it."""
     try:
         state_dict = convert_original_state_dict(load_original_state_dict(checkpoint), config)
@@ -152,32 +216,18 @@ def convert(config: FocalConfig, checkpoint: Path, output_dir: Path, name: str, 
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
-        if remote_code:
-            add_remote_code(model.config, staging)
         model.save_pretrained(staging)
-        processor = FocalImageProcessor()
         processor.save_pretrained(staging)
+        if card.remote_code:
+            hub.add_remote_code(staging, model.config, processor)
         num_parameters = sum(p.numel() for p in model.parameters())
-        (staging / "README.md").write_text(model_card(name, config, checkpoint.name, num_parameters), "utf-8")
+        model_card(card, config, processor, checkpoint.name, num_parameters).save(staging / "README.md")
         verify(model, staging)
         staging.rename(output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
-
-
-def add_remote_code(config: FocalConfig, folder: Path) -> None:
-    """Copy the model code into `folder` and point `auto_map` at it, for `trust_remote_code=True` users."""
-    package = Path(__file__).resolve().parent
-    for file in REMOTE_CODE_FILES:
-        shutil.copy(package / file, folder / file)
-    config.auto_map = {
-        "AutoConfig": "configuration_focal.FocalConfig",
-        "AutoModel": "modeling_focal.FocalModel",
-        "AutoModelForImageClassification": "modeling_focal.FocalForImageClassification",
-        "AutoBackbone": "modeling_focal.FocalBackbone",
-    }
 
 
 def verify(model: FocalForImageClassification, folder: Path) -> None:
@@ -193,18 +243,6 @@ def verify(model: FocalForImageClassification, folder: Path) -> None:
             f"The written folder does not reproduce the model (max difference "
             f"{(expected - actual).abs().max().item():.3g}); nothing was written."
         )
-
-
-def push_to_hub(folder: Path, repo_id: str, private: bool, commit_message: str) -> str:
-    """Upload `folder` to the Hub model repository `repo_id` (created if needed); returns the commit URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    commit = api.upload_folder(
-        folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=commit_message
-    )
-    return str(commit)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -225,9 +263,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repository")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
     parser.add_argument("--commit-message", default="Add converted Focal Transformer checkpoint")
+    parser.add_argument("--token", help="Hugging Face token for --push-to-hub (default: `hf auth login`'s or HF_TOKEN)")
+    parser.add_argument("--license", help="for --config: the checkpoint's license, for the model card (Hub id)")
+    parser.add_argument(
+        "--dataset", action="append", default=[], help="for --config: a dataset it was trained on (Hub id; repeatable)"
+    )
     args = parser.parse_args(argv)
     if args.config and not args.checkpoint:
         parser.error("--config needs --checkpoint")
+    if args.model_name and (args.license or args.dataset):
+        parser.error("--license and --dataset are for --config; official checkpoints get the official ones")
+    if args.push_to_hub:
+        try:
+            hub.check_repo_id(args.push_to_hub)
+        except hub.HubError as error:
+            parser.error(str(error))
     return args
 
 
@@ -236,12 +286,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        repo_id = hub.check_push_access(args.push_to_hub, args.token) if args.push_to_hub else None
         if args.model_name:
             name, config = args.model_name, official_config(args.model_name)
+            processor = FocalImageProcessor.for_image_size(config.image_size)
         else:
             name = Path(args.config).stem
             try:
-                config = FocalConfig.from_original_config(args.config)
+                config = config_from_original(args.config)
+                processor = image_processor_from_original(args.config)
             except Exception as error:  # unreadable YAML, unknown keys, invalid architecture
                 raise ConversionError(f"Cannot use config {args.config!r}: {error}") from error
         if config.num_labels == 1000:
@@ -253,14 +306,23 @@ def main(argv=None) -> int:
             raise ConversionError(f"{output_dir} exists; pass --force to replace it.")
         checkpoint = fetch_checkpoint(args.checkpoint, args.model_name)
         target = output_dir if not output_dir.exists() else output_dir.with_name(f".{output_dir.name}.new")
-        convert(config, checkpoint, target, name, args.remote_code)
+        card = CardInfo(
+            model_id=repo_id or output_dir.name,
+            official_name=args.model_name,
+            config_source=OFFICIAL_CONFIGS[args.model_name] if args.model_name else Path(args.config).name,
+            license=args.license,
+            datasets=args.dataset,
+            remote_code=args.remote_code,
+        )
+        convert(config, checkpoint, target, card, processor)
         if target != output_dir:  # --force: swap only once the new folder is complete
             shutil.rmtree(output_dir)
             target.rename(output_dir)
         logger.info(f"Wrote {output_dir}/ from {checkpoint}.")
-        if args.push_to_hub:
-            logger.info(f"Uploaded to {push_to_hub(output_dir, args.push_to_hub, args.private, args.commit_message)}")
-    except ConversionError as error:
+        if repo_id:
+            commit = hub.push_folder(output_dir, repo_id, args.token, args.private, args.commit_message)
+            logger.info(f"Uploaded to {commit}")
+    except (ConversionError, hub.HubError) as error:
         print(f"focal-convert: error: {error}", file=sys.stderr)
         return 1
     return 0

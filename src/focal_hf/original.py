@@ -10,8 +10,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from transformers.image_utils import PILImageResampling
 
 from .configuration_focal import FocalConfig
+from .image_processing_focal import FocalImageProcessor
 
 # Official `config.py` defaults under MODEL.FOCAL, and where each one goes in FocalConfig (None: accepted, unused
 # by the official model code as well).
@@ -63,8 +65,16 @@ def _read_original_config(path_or_dict) -> dict:
     raise TypeError(f"Expected a path to an official YAML config or its dict, got {type(path_or_dict).__name__}.")
 
 
+def config_from_original(path_or_dict, **kwargs) -> FocalConfig:
+    """Build a `FocalConfig` from the official YAML schema (`MODEL.TYPE`, `MODEL.NUM_CLASSES`, `MODEL.DROP_RATE`,
+    `MODEL.DROP_PATH_RATE`, `MODEL.FOCAL.*`, `DATA.IMG_SIZE`), a path to such a file or the parsed dict. Absent keys
+    take the official defaults; unknown `MODEL.FOCAL` keys are an error. `kwargs` override the result's attributes
+    (e.g. `id2label`)."""
+    return FocalConfig(**{**config_kwargs_from_original(path_or_dict), **kwargs})
+
+
 def config_kwargs_from_original(path_or_dict) -> dict:
-    """`FocalConfig` keyword arguments for an official config (YAML path or dict), as `FocalConfig.from_original_config`
+    """`FocalConfig` keyword arguments for an official config (YAML path or dict), as `config_from_original`
     documents."""
     original = _read_original_config(path_or_dict)
     model = original.get("MODEL") or {}
@@ -89,6 +99,31 @@ def config_kwargs_from_original(path_or_dict) -> dict:
     kwargs["hidden_dropout_prob"] = model.get("DROP_RATE", 0.0)
     kwargs["drop_path_rate"] = model.get("DROP_PATH_RATE", 0.1)
     return kwargs
+
+
+# official DATA.INTERPOLATION -> PIL resampling (timm's `_pil_interp`, which the official code uses: anything else,
+# "random" and "nearest" included, is bilinear at evaluation)
+_INTERPOLATIONS = {
+    "bicubic": PILImageResampling.BICUBIC,
+    "lanczos": PILImageResampling.LANCZOS,
+    "hamming": PILImageResampling.HAMMING,
+}
+
+
+def image_processor_from_original(path_or_dict) -> FocalImageProcessor:
+    """The official evaluation transform of an official config (YAML path or dict) as a `FocalImageProcessor`:
+    `DATA.IMG_SIZE` (default 224), `DATA.INTERPOLATION` (bicubic) and `TEST.CROP` (True: resize the shorter side to
+    `int(256 / 224 * IMG_SIZE)`, centre-crop `IMG_SIZE`; False: resize to `IMG_SIZE`). As in the official code, an
+    `IMG_SIZE` of 32 or less is neither resized nor cropped."""
+    original = _read_original_config(path_or_dict)
+    data = original.get("DATA") or {}
+    image_size = data.get("IMG_SIZE", 224)
+    resample = _INTERPOLATIONS.get(data.get("INTERPOLATION", "bicubic"), PILImageResampling.BILINEAR)
+    crop = bool((original.get("TEST") or {}).get("CROP", True))
+    processor = FocalImageProcessor.for_image_size(image_size, crop=crop, resample=resample)
+    if min(processor.crop_size["height"], processor.crop_size["width"]) <= 32:  # the official `IMG_SIZE > 32`
+        processor.do_resize = processor.do_center_crop = False
+    return processor
 
 
 # ------------------------------------------------------------------------------------------------- presets
@@ -231,7 +266,7 @@ def load_original_checkpoint(checkpoint_path: str | os.PathLike, config_path) ->
     """Build the model an official YAML config describes and load an official checkpoint into it (eval mode)."""
     from .modeling_focal import FocalForImageClassification
 
-    config = FocalConfig.from_original_config(config_path)
+    config = config_from_original(config_path)
     state_dict = convert_original_state_dict(load_original_state_dict(checkpoint_path), config)
     model = FocalForImageClassification(config)
     model.load_state_dict(state_dict)
