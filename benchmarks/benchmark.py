@@ -1,42 +1,90 @@
 """Speed and memory of Focal models against transformers' Swin-T, measured in one run.
 
-Every measurement runs in a fresh process (so peak memory is its own and no model warms another's caches), the
-models are interleaved round by round, each process warms up before timing, and the table reports medians over
-the rounds with each Focal model's ratio to Swin-T from the same run.
+    python benchmarks/benchmark.py                                 # CPU, fp32, 2 threads, 224 px
+    python benchmarks/benchmark.py --device cuda --dtype bf16 --compile --json results.json
 
-    python benchmarks/benchmark.py                       # CPU, fp32, 2 threads
-    python benchmarks/benchmark.py --device cuda --dtype bf16
+Modes: `infer-N` is inference at batch N (`torch.no_grad`, eval mode); `train-N` a training step at batch N
+(forward, backward and AdamW, train mode), whose peak memory is reported too: on CUDA the peak allocated, on CPU the
+growth of the process's peak resident memory, both over what the process held once the model was built (so
+gradients, optimizer state, activations and workspace). Defaults: on CPU infer-1, infer-8 and train-8 at 224 px,
+3 interleaved rounds; on CUDA infer-1, infer-128 and train-64 at 224 and 448 px, 1 round.
 
-Metrics: inference images/s at batch 1 and 8 (`torch.no_grad`, eval mode), a training step's images/s at batch 8
-(forward + backward + AdamW, train mode), and the training step's peak memory: on CUDA the peak allocated, on CPU
-the growth of the process's peak resident memory over what it held once the model was built.
+Precision: `fp32` everywhere, or `bf16`: inference with the weights cast to bf16, training with fp32 weights under
+`torch.autocast(dtype=torch.bfloat16)` (mixed precision, as fine-tuning runs). On CUDA the optimizer is the fused
+AdamW (Trainer's default), on CPU the default one.
+
+On CPU every measurement runs in a fresh process, since peak resident memory cannot be reset; on CUDA the
+measurements of one model share a process (peak memory is reset and caches emptied between them), so start-up is
+paid once per model. Each measurement warms up before timing (CUDA timing by events). Models are interleaved round
+by round; the table shows medians over the rounds and each model's ratio to Swin-T at the same image size (compiled
+rows: to compiled Swin-T). `--compile` adds rows for Swin-T and Focal-T (or the models named) under `torch.compile`,
+at the first image size. A measurement that runs out of memory shows as OOM; other failures are listed and make the
+exit status non-zero. With `--json` the raw results are (re)written after every process, so an interrupted run
+(e.g. SIGTERM from `timeout`) still leaves them, and the table of what was measured is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
 import os
+import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 MODELS = ["swin-tiny", "focal-tiny", "focal-fast-tiny", "focal-small", "focal-base"]
-MODES = ["infer-1", "infer-8", "train-8"]
 REFERENCE = "swin-tiny"
+COMPILED_BY_DEFAULT = ["swin-tiny", "focal-tiny"]
+DEFAULTS = {  # per device: modes, image sizes, rounds, timed iterations, warm-up steps, threads
+    "cpu": dict(
+        modes=["infer-1", "infer-8", "train-8"], image_sizes=[224], rounds=3, iterations=5, warmup=2, threads=2
+    ),
+    "cuda": dict(
+        modes=["infer-1", "infer-128", "train-64"],
+        image_sizes=[224, 448],
+        rounds=1,
+        iterations=10,
+        warmup=3,
+        threads=None,
+    ),
+}
+MODE_PATTERN = re.compile(r"^(infer|train)-([1-9][0-9]*)$")
 
 
-def build_model(name: str, num_labels: int = 1000):
-    """An ImageNet-sized classifier with random weights: an official Focal architecture or transformers' Swin-T."""
+def mode_type(text: str) -> str:
+    if not MODE_PATTERN.match(text):
+        raise argparse.ArgumentTypeError(f"expected infer-N or train-N with a batch size N >= 1, got {text!r}")
+    return text
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def build_model(name: str, image_size: int = 224, num_labels: int = 1000):
+    """An ImageNet classifier with random weights: an official Focal architecture or transformers' Swin-T."""
     if name == "swin-tiny":
         from transformers import SwinConfig, SwinForImageClassification
 
-        return SwinForImageClassification(SwinConfig(num_labels=num_labels))
+        return SwinForImageClassification(SwinConfig(image_size=image_size, num_labels=num_labels))
     from focal_hf import FocalForImageClassification, official_config
 
-    return FocalForImageClassification(official_config(name, num_labels=num_labels))
+    return FocalForImageClassification(official_config(name, image_size=image_size, num_labels=num_labels))
 
 
 def _rss_bytes() -> int:
@@ -44,23 +92,29 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(name: str, mode: str, device: str, dtype: str, iterations: int, warmup: int, compile_model: bool) -> dict:
-    """Time one model in one mode in this process; returns images/s and peak memory (MiB)."""
+def measure(model, spec: dict, device: str, dtype: str, iterations: int, warmup: int) -> dict:
+    """Time `model` (freshly built on the CPU) in one mode in this process: images/s and peak memory (MiB)."""
     import torch
 
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    batch_size = int(mode.split("-")[1])
-    training = mode.startswith("train")
-    model = build_model(name).to(device=device, dtype=torch_dtype).train(training)
-    if compile_model:
-        model = torch.compile(model)
-    pixel_values = torch.randn(batch_size, 3, 224, 224, device=device, dtype=torch_dtype)
+    training = spec["mode"].startswith("train")
+    batch_size = int(spec["mode"].split("-")[1])
+    half = dtype == "bf16"
+    model = model.to(device).train(training)
+    if half and not training:
+        model = model.to(torch.bfloat16)
+    if spec["compiled"]:
+        model = torch.compile(model, dynamic=False)
+    size = spec["image_size"]
+    input_dtype = torch.bfloat16 if half and not training else torch.float32
+    pixel_values = torch.randn(batch_size, 3, size, size, device=device, dtype=input_dtype)
     labels = torch.randint(0, 1000, (batch_size,), device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if training else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device != "cpu") if training else None
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=half)
 
     def step():
         if training:
-            loss = model(pixel_values, labels=labels).loss
+            with autocast:
+                loss = model(pixel_values, labels=labels).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -68,115 +122,248 @@ def measure(name: str, mode: str, device: str, dtype: str, iterations: int, warm
             with torch.no_grad():
                 model(pixel_values)
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    baseline = _rss_bytes()
     if device == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
-    for _ in range(warmup):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(iterations):
-        step()
-    sync()
-    elapsed = time.perf_counter() - start
-    if device == "cuda":
+        for _ in range(warmup):
+            step()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iterations):
+            step()
+        end.record()
+        end.synchronize()
+        elapsed = start.elapsed_time(end) / 1000
         peak = torch.cuda.max_memory_allocated() - baseline
     else:
+        baseline = _rss_bytes()
+        for _ in range(warmup):
+            step()
+        begin = time.perf_counter()
+        for _ in range(iterations):
+            step()
+        elapsed = time.perf_counter() - begin
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     return {"images_per_s": batch_size * iterations / elapsed, "peak_mib": max(peak, 0) / 2**20}
 
 
-def run_worker(args, name: str, mode: str) -> dict:
-    command = [
-        sys.executable,
-        __file__,
-        "--worker",
-        name,
-        mode,
-        "--device",
-        args.device,
-        "--dtype",
-        args.dtype,
-        "--threads",
-        str(args.threads),
-        "--iterations",
-        str(args.iterations),
-        "--warmup",
-        str(args.warmup),
+def worker(specs: list[dict], device: str, dtype: str, iterations: int, warmup: int) -> None:
+    """Measure `specs` in order, printing one JSON line per measurement (an out-of-memory one as `"error": "OOM"`)."""
+    import torch
+
+    built = {}  # one model per architecture and image size, built on the CPU once, copied for all but its last use
+    for index, spec in enumerate(specs):
+        key = (spec["model"], spec["image_size"])
+        if key not in built:
+            built = {key: build_model(*key)}
+        used_again = any((later["model"], later["image_size"]) == key for later in specs[index + 1 :])
+        model = copy.deepcopy(built[key]) if used_again else built.pop(key)
+        try:
+            result = measure(model, spec, device, dtype, iterations, warmup)
+        except torch.cuda.OutOfMemoryError:
+            result = {"error": "OOM"}
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        if spec["compiled"]:
+            torch._dynamo.reset()
+        print(json.dumps({**spec, **result}), flush=True)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def run_worker(args, specs: list[dict], on_result) -> str | None:
+    """Run `specs` in a fresh process, handing each result to `on_result`; returns an error message or None."""
+    command = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--dtype", args.dtype]
+    command += ["--iterations", str(args.iterations), "--warmup", str(args.warmup), "--worker", json.dumps(specs)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    with tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        try:
+            for line in process.stdout:
+                if line.startswith("{"):
+                    on_result(json.loads(line))
+            process.wait()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        if process.returncode == 0:
+            return None
+        stderr.seek(0)
+        return f"exit status {process.returncode}:\n{stderr.read()[-3000:]}"
+
+
+def rows(args) -> list[tuple[str, bool]]:
+    """The table's rows: (model, compiled)."""
+    return [(name, False) for name in args.models] + [(name, True) for name in args.compile or []]
+
+
+def jobs(args, round_index: int) -> list[list[dict]]:
+    """The measurements of one round, grouped by process: one each on CPU, one model's all together on CUDA."""
+    specs = [
+        {"round": round_index + 1, "model": name, "compiled": compiled, "image_size": size, "mode": mode}
+        for size in args.image_sizes
+        for mode in args.modes
+        for name, compiled in rows(args)
+        if not compiled or size == args.image_sizes[0]
     ]
+    if args.device == "cpu":
+        return [[spec] for spec in specs]
+    return [[spec for spec in specs if (spec["model"], spec["compiled"]) == row] for row in rows(args)]
+
+
+def label(name: str, compiled: bool) -> str:
+    return f"{name} compiled" if compiled else name
+
+
+def print_table(args, results: list[dict], header: str) -> None:
+    def median(name, compiled, size, mode, key):
+        """The median over the rounds, "OOM" if it ran out of memory, None if not measured."""
+        taken = [
+            r
+            for r in results
+            if (r["model"], r["compiled"], r["image_size"], r["mode"]) == (name, compiled, size, mode)
+        ]
+        values = [r[key] for r in taken if key in r]
+        if values:
+            return statistics.median(values)
+        return "OOM" if any(r.get("error") == "OOM" for r in taken) else None
+
+    def cell(value, reference, digits):
+        if value is None or isinstance(value, str):
+            return f"{value or '-':>18s}"
+        ratio = f"{value / reference:4.2f}x" if isinstance(reference, float) and reference > 0 else "  -  "
+        return f"{value:10.{digits}f} ({ratio})"
+
+    print(f"\n{header}")
+    train_modes = [mode for mode in args.modes if mode.startswith("train")]
+    columns = [f"{mode:>18s}" for mode in args.modes] + [f"{mode + ' peak MiB':>18s}" for mode in train_modes]
+    for size in args.image_sizes:
+        print(" | ".join([f"{f'{size} px':24s}", *columns]))
+        for name, compiled in rows(args):
+            if compiled and size != args.image_sizes[0]:
+                continue
+            cells = [f"{label(name, compiled):24s}"]
+            for key, modes, digits in (("images_per_s", args.modes, 2), ("peak_mib", train_modes, 0)):
+                for mode in modes:
+                    value = median(name, compiled, size, mode, key)
+                    cells.append(cell(value, median(REFERENCE, compiled, size, mode, key), digits))
+            print(" | ".join(cells))
+
+
+def write_json(path: str, payload: dict) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as handle:
+        json.dump(payload, handle, indent=1)
+    os.replace(handle.name, path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options with the device's defaults filled in, Swin-T first among the (compiled) models."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS, help="models to compare (default: all)")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        type=mode_type,
+        help="infer-N / train-N (default: CPU infer-1 infer-8 train-8, CUDA infer-1 infer-128 train-64)",
+    )
+    parser.add_argument("--image-sizes", nargs="+", type=positive_int, help="default: CPU 224, CUDA 224 448")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: see precision above")
+    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: 2 on CPU)")
+    parser.add_argument(
+        "--rounds", type=positive_int, help="interleaved rounds; medians shown (default: CPU 3, CUDA 1)"
+    )
+    parser.add_argument("--iterations", type=positive_int, help="timed steps per measurement (default: CPU 5, CUDA 10)")
+    parser.add_argument("--warmup", type=non_negative_int, help="untimed steps first (default: CPU 2, CUDA 3)")
+    parser.add_argument(
+        "--compile",
+        nargs="*",
+        choices=MODELS,
+        metavar="MODEL",
+        help=f"also measure these models under torch.compile at the first image size (no names: {COMPILED_BY_DEFAULT})",
+    )
+    parser.add_argument("--json", help="write the raw results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for key, value in DEFAULTS[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.compile == []:  # --compile without names
+        args.compile = list(COMPILED_BY_DEFAULT)
+    args.models = [REFERENCE] + [name for name in args.models if name != REFERENCE]
     if args.compile:
-        command.append("--compile")
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{name} {mode} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        args.compile = [REFERENCE] + [name for name in args.compile if name != REFERENCE]
+    return args
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=MODELS, help=f"models to compare (default: {MODELS})")
-    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
-    parser.add_argument("--iterations", type=int, default=5, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
-    parser.add_argument("--json", help="also write the raw results here")
-    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args.worker:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        print(json.dumps(measure(*args.worker, args.device, args.dtype, args.iterations, args.warmup, args.compile)))
-        return
-    if REFERENCE not in args.models:
-        args.models = [REFERENCE, *args.models]
-
-    results: dict[tuple[str, str], list[dict]] = {}
-    for round_index in range(args.rounds):
-        for mode in args.modes:
-            for name in args.models:
-                result = run_worker(args, name, mode)
-                results.setdefault((name, mode), []).append(result)
-                print(
-                    f"round {round_index + 1}/{args.rounds} {mode:8s} {name:16s} {result['images_per_s']:8.2f} img/s"
-                    f" {result['peak_mib']:8.0f} MiB",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-    def median(name, mode, key):
-        return statistics.median(r[key] for r in results[(name, mode)])
-
+    args = parse_args(argv)
     import torch
 
-    print(
-        f"\n{args.device} {args.dtype}, {args.threads} threads, torch {torch.__version__}, medians of "
-        f"{args.rounds} interleaved rounds ({args.iterations} timed steps each), images/s (ratio to {REFERENCE})"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        worker(json.loads(args.worker), args.device, args.dtype, args.iterations, args.warmup)
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"benchmark.py: --device cuda, but torch {torch.__version__} sees no CUDA GPU here")
+
+    import transformers
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} threads"
+    precision = {
+        "fp32": "fp32",
+        "bf16": "bf16 (inference: bf16 weights; training: fp32 weights under torch.autocast(bfloat16))",
+    }[args.dtype]
+    header = (
+        f"{args.device} ({device_name}), {precision}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; medians of {args.rounds} interleaved round(s) of {args.iterations} timed steps "
+        f"after {args.warmup} warm-up; images/s and peak MiB (ratio to {REFERENCE} at the same size)"
     )
-    header = [f"{'model':16s}"] + [f"{mode:>18s}" for mode in args.modes] + [f"{'train-8 peak MiB':>22s}"]
-    print(" | ".join(header))
-    for name in args.models:
-        cells = [f"{name:16s}"]
-        for mode in args.modes:
-            value, reference = median(name, mode, "images_per_s"), median(REFERENCE, mode, "images_per_s")
-            cells.append(f"{value:9.2f} ({value / reference:4.2f}x)")
-        if "train-8" in args.modes:
-            value, reference = median(name, "train-8", "peak_mib"), median(REFERENCE, "train-8", "peak_mib")
-            cells.append(f"{value:12.0f} ({value / reference:4.2f}x)")
-        print(" | ".join(cells))
+    results, failures = [], []
+
+    def on_result(result):
+        results.append(result)
+        value = "OOM" if "error" in result else f"{result['images_per_s']:9.2f} img/s {result['peak_mib']:8.0f} MiB"
+        print(
+            f"round {result['round']}/{args.rounds} {result['image_size']} px {result['mode']:9s} "
+            f"{label(result['model'], result['compiled']):24s} {value}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    interrupted = None
+    try:
+        for round_index in range(args.rounds):
+            for specs in jobs(args, round_index):
+                error = run_worker(args, specs, on_result)
+                if error:
+                    failures.append(f"{specs[0]['model']} ({len(specs)} measurements from {specs[0]}): {error}")
+                    print(f"FAILED {failures[-1]}", file=sys.stderr, flush=True)
+                if args.json:
+                    write_json(args.json, {"header": header, "results": results, "failures": failures})
+    except (Interrupted, KeyboardInterrupt) as stop:
+        interrupted = str(stop) or type(stop).__name__
+    print_table(args, results, header)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({f"{n}|{m}": r for (n, m), r in results.items()}, handle, indent=1)
+        write_json(args.json, {"header": header, "results": results, "failures": failures, "interrupted": interrupted})
+    if interrupted:
+        sys.exit(f"interrupted ({interrupted}): the table shows the measurements taken until then")
+    if failures:
+        sys.exit(f"{len(failures)} worker process(es) failed, see above")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU check of issue 12 in one go, for a lent GPU machine (one H200 or H100, no network), run from the
+# repository root:  bash benchmarks/gpu_check.sh
+#
+# 1. prints the machine's torch / CUDA / transformers, installs this project (editable, no dependencies: torch and
+#    transformers stay the machine's; a transformers wheel carried in .whl/ is installed first if there is one),
+# 2. runs the GPU correctness tests, tests/test_gpu.py, if that file exists,
+# 3. runs the benchmark against Swin-T (bf16, 224 and 448 px, plus torch.compile at 224).
+# Everything ends within about 8 minutes: each step runs under `timeout`, the benchmark in what is left of the
+# budget; interrupted, it still prints the table of what it measured. Output: $OUT/test_gpu.txt, $OUT/bench.txt,
+# $OUT/bench.json ($OUT defaults to ./gpu-check-output). Exit status non-zero if any step failed.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+OUT=${OUT:-$PWD/gpu-check-output}
+BUDGET_S=${BUDGET_S:-470}  # the whole script, seconds
+mkdir -p "$OUT"
+PYTHON=$(command -v python3 || command -v python)
+status=0
+
+echo "== environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || status=1
+"$PYTHON" -c "import torch,transformers;print(torch.__version__, torch.cuda.is_available(), transformers.__version__)"
+PIP=("$PYTHON" -m pip install -q --no-build-isolation --retries 1 --timeout 10)
+if compgen -G ".whl/transformers-*.whl" >/dev/null; then
+    "${PIP[@]}" --no-index --no-deps .whl/transformers-*.whl || status=1
+fi
+if "$PYTHON" -c "import transformers" 2>/dev/null; then
+    "${PIP[@]}" --no-index --no-deps -e .
+else
+    "${PIP[@]}" -e .
+fi || {
+    echo "pip install -e . failed: importing focal_hf from $PWD/src instead"
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+}
+"$PYTHON" -c "import torch, transformers, focal_hf
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA GPU'
+print('focal_hf from', focal_hf.__file__, '| transformers', transformers.__version__, '|', gpu)" ||
+    status=1
+
+echo "== GPU correctness: tests/test_gpu.py"
+if [ -f tests/test_gpu.py ]; then
+    timeout -k 10 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.txt" ||
+        status=1
+else
+    echo "tests/test_gpu.py does not exist: skipped"
+fi
+
+left=$((BUDGET_S - SECONDS))
+((left < 60)) && left=60
+echo "== benchmark (${left} s left)"
+timeout -s TERM -k 20 "$left" "$PYTHON" benchmarks/benchmark.py --device cuda --dtype bf16 --compile \
+    --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" || status=1
+echo "== done in ${SECONDS} s, status ${status}"
+exit "$status"

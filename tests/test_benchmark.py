@@ -1,0 +1,139 @@
+"""The benchmark script: its refusal without a GPU, its argument checks, and one minimal CPU run end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def run_script(*args, **env):
+    pythonpath = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", **env},
+    )
+
+
+def test_cuda_without_a_gpu_is_refused_in_one_line():
+    result = run_script("--device", "cuda", "--dtype", "bf16", CUDA_VISIBLE_DEVICES="")
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0
+    assert "--device cuda, but torch" in result.stderr and "sees no CUDA GPU here" in result.stderr
+
+
+@pytest.fixture
+def benchmark():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import benchmark
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return benchmark
+
+
+def test_measurements_are_grouped_one_per_process_on_cpu_and_by_model_on_cuda(benchmark):
+    def groups(device, *extra):
+        args = benchmark.parse_args(["--device", device, "--models", "focal-tiny", "--compile", *extra])
+        return [
+            [(s["model"], s["compiled"], s["image_size"], s["mode"]) for s in job] for job in benchmark.jobs(args, 0)
+        ]
+
+    cuda_modes = ("infer-1", "infer-128", "train-64")
+    assert groups("cuda") == [
+        [("swin-tiny", False, size, mode) for size in (224, 448) for mode in cuda_modes],
+        [("focal-tiny", False, size, mode) for size in (224, 448) for mode in cuda_modes],
+        [("swin-tiny", True, 224, mode) for mode in cuda_modes],
+        [("focal-tiny", True, 224, mode) for mode in cuda_modes],
+    ]
+    assert groups("cpu", "--modes", "infer-1", "train-8") == [
+        [("swin-tiny", False, 224, "infer-1")],
+        [("focal-tiny", False, 224, "infer-1")],
+        [("swin-tiny", True, 224, "infer-1")],
+        [("focal-tiny", True, 224, "infer-1")],
+        [("swin-tiny", False, 224, "train-8")],
+        [("focal-tiny", False, 224, "train-8")],
+        [("swin-tiny", True, 224, "train-8")],
+        [("focal-tiny", True, 224, "train-8")],
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--modes", "infer-0"], "expected infer-N or train-N"),
+        (["--modes", "train8"], "expected infer-N or train-N"),
+        (["--image-sizes", "0"], "expected a positive integer"),
+        (["--warmup", "-1"], "expected an integer >= 0"),
+        (["--models", "focal-huge"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_are_explained(benchmark, args, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        benchmark.main(args)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cpu_run_end_to_end(tmp_path):
+    output = tmp_path / "results.json"
+    args = ["--models", "focal-tiny", "--modes", "infer-1", "--rounds", "1", "--iterations", "1", "--warmup", "0"]
+    result = run_script(*args, "--json", str(output))
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(output.read_text())
+    assert payload["failures"] == [] and payload["interrupted"] is None
+    measured = [(r["model"], r["compiled"], r["image_size"], r["mode"], r["round"]) for r in payload["results"]]
+    assert measured == [("swin-tiny", False, 224, "infer-1", 1), ("focal-tiny", False, 224, "infer-1", 1)]
+    assert all(r["images_per_s"] > 0 for r in payload["results"])
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("cpu (2 threads), fp32, torch ")
+    assert lines[2].split("|")[0].strip() == "224 px" and lines[2].split("|")[1].strip() == "infer-1"
+    assert lines[3].startswith("swin-tiny ") and lines[3].endswith("(1.00x)")
+    assert lines[4].startswith("focal-tiny ") and lines[4].endswith("x)")
+
+
+def test_table_shows_ratios_to_swin_at_the_same_size_and_out_of_memory(benchmark, capsys):
+    args = benchmark.parse_args(
+        ["--device", "cuda", "--models", "focal-tiny", "--modes", "infer-1", "train-64", "--compile", "focal-tiny"]
+    )
+
+    def result(model, size, mode, images_per_s, peak_mib=1.0, compiled=False, round=1):
+        spec = {"round": round, "model": model, "compiled": compiled, "image_size": size, "mode": mode}
+        return {**spec, "images_per_s": images_per_s, "peak_mib": peak_mib}
+
+    results = [
+        result("swin-tiny", 224, "infer-1", 100.0),
+        result("swin-tiny", 224, "infer-1", 300.0, round=2),
+        result("focal-tiny", 224, "infer-1", 100.0),
+        result("focal-tiny", 224, "infer-1", 150.0, round=2),  # medians: 200 and 125
+        result("swin-tiny", 224, "train-64", 1000.0, peak_mib=4000.0),
+        result("focal-tiny", 224, "train-64", 900.0, peak_mib=5000.0),
+        result("swin-tiny", 448, "infer-1", 50.0),
+        result("focal-tiny", 448, "infer-1", 40.0),
+        result("swin-tiny", 448, "train-64", 250.0, peak_mib=16000.0),
+        {"round": 1, "model": "focal-tiny", "compiled": False, "image_size": 448, "mode": "train-64", "error": "OOM"},
+        result("swin-tiny", 224, "infer-1", 400.0, compiled=True),
+        result("focal-tiny", 224, "infer-1", 300.0, compiled=True),
+    ]
+    benchmark.print_table(args, results, "HEADER")
+    lines = [[cell.strip() for cell in line.split("|")] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert lines == [
+        ["HEADER"],
+        ["224 px", "infer-1", "train-64", "train-64 peak MiB"],
+        ["swin-tiny", "200.00 (1.00x)", "1000.00 (1.00x)", "4000 (1.00x)"],
+        ["focal-tiny", "125.00 (0.62x)", "900.00 (0.90x)", "5000 (1.25x)"],
+        ["swin-tiny compiled", "400.00 (1.00x)", "-", "-"],
+        ["focal-tiny compiled", "300.00 (0.75x)", "-", "-"],
+        ["448 px", "infer-1", "train-64", "train-64 peak MiB"],
+        ["swin-tiny", "50.00 (1.00x)", "250.00 (1.00x)", "16000 (1.00x)"],
+        ["focal-tiny", "40.00 (0.80x)", "OOM", "OOM"],
+    ]
