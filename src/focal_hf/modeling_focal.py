@@ -119,8 +119,8 @@ def ceil_div(size, divisor: int):
 
 def grid_coordinates(height, width, device: torch.device | None = None) -> torch.Tensor:
     """Row-major coordinates `(2, height * width)` of a `height x width` grid."""
-    rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
-    return torch.stack(torch.meshgrid(rows, cols, indexing="ij")).flatten(1)
+    index = torch.arange(height * width, device=device)  # (no meshgrid: its checks would fix symbolic sizes)
+    return torch.stack((index // width, index % width))
 
 
 def exportable_at_any_size(forward: Callable) -> Callable:
@@ -344,9 +344,8 @@ def focal_fast_key_layout(
     windows = grid_coordinates(grid_h, grid_w, device)
     in_window = grid_coordinates(window_size, window_size, device) - window_size // 2  # query offsets from the centre
     # every query-to-key offset lies in [-padded_h, padded_h] x [-padded_w, padded_w]: number them row-major
-    rows = torch.arange(-padded_h, padded_h + 1, device=device)
-    cols = torch.arange(-padded_w, padded_w + 1, device=device)
-    coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).flatten(0, 1).float()
+    offset = torch.tensor([padded_h, padded_w], device=device)[:, None]
+    coords = (grid_coordinates(2 * padded_h + 1, 2 * padded_w + 1, device) - offset).t().float()
 
     key_index, coord_index = [], []
     start = padded_h * padded_w
@@ -442,7 +441,7 @@ class FocalPatchEmbeddings(nn.Module):
         else:
             embeddings = self.projection(pixel_values)
             height, width = embeddings.shape[-2:]
-            embeddings = copy_as(embeddings.flatten(2).transpose(1, 2), len(embeddings), height * width, -1)
+            embeddings = copy_as(embeddings.permute(0, 2, 3, 1), len(embeddings), height * width, -1)
         if self.norm is not None:
             embeddings = self.norm(embeddings)
         return embeddings, (height, width)
