@@ -4,7 +4,7 @@
 #
 # 1. prints the machine's torch / CUDA / transformers, installs this project (editable, no dependencies: torch and
 #    transformers stay the machine's; a transformers wheel carried in .whl/ is installed first if there is one),
-# 2. runs the GPU correctness tests, tests/test_gpu.py, if that file exists,
+# 2. runs the GPU correctness tests, benchmarks/test_gpu.py, if that file exists,
 # 3. runs the benchmark against Swin-T (bf16, 224 and 448 px, plus torch.compile at 224).
 # Everything ends within about 8 minutes: each step runs under `timeout`, the benchmark in what is left of the
 # budget; interrupted, it still prints the table of what it measured. Output: $OUT/test_gpu.txt, $OUT/bench.txt,
@@ -37,12 +37,12 @@ gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA GP
 print('focal_hf from', focal_hf.__file__, '| transformers', transformers.__version__, '|', gpu)" ||
     status=1
 
-echo "== GPU correctness: tests/test_gpu.py"
-if [ -f tests/test_gpu.py ]; then
-    timeout -k 10 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.txt" ||
+echo "== GPU correctness: benchmarks/test_gpu.py"
+if [ -f benchmarks/test_gpu.py ]; then
+    timeout -k 10 120 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/test_gpu.py 2>&1 | tee "$OUT/test_gpu.txt" ||
         status=1
 else
-    echo "tests/test_gpu.py does not exist: skipped"
+    echo "benchmarks/test_gpu.py does not exist: skipped"
 fi
 
 left=$((BUDGET_S - SECONDS))

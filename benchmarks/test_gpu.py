@@ -1,0 +1,86 @@
+"""GPU correctness of the attention path off the CPU (`benchmarks/gpu_check.sh` runs this on a lent GPU; CI has none).
+
+`focal_sdpa` on CUDA is one `scaled_dot_product_attention` call with the windows folded into the head dimension and
+one bias broadcast over the batch: its values and gradients must equal the eager path's, also through the
+memory-efficient kernel (the one that takes an additive bias and differentiates it), in fp32 and bf16.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from conftest import tiny_config  # noqa: E402
+
+from focal_hf import FocalForImageClassification, official_config  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+def _pair(attention_type):
+    """The same tiny model (shifted windows) with the eager and the default attention, on the GPU."""
+    models = []
+    for attn_implementation in ("eager", "focal_sdpa"):
+        config = tiny_config(
+            attention_type=attention_type,
+            focal_topk=12,
+            use_shift=True,
+            depths=[2, 2, 2, 1],
+            attn_implementation=attn_implementation,
+        )
+        models.append(FocalForImageClassification(config).cuda().train())
+    models[1].load_state_dict(models[0].state_dict())
+    assert [model.config._attn_implementation for model in models] == ["eager", "focal_sdpa"]
+    return models
+
+
+def _run(model, pixel_values, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(pixel_values, labels=labels)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", [None, SDPBackend.EFFICIENT_ATTENTION])
+@pytest.mark.parametrize("size", [(64, 64), (96, 160)])
+@pytest.mark.parametrize("attention_type", ["focal", "focal_fast"])
+def test_values_and_gradients_equal_eager(attention_type, size, backend):
+    eager, fused = _pair(attention_type)
+    pixel_values = torch.randn(3, 3, *size, device="cuda")
+    labels = torch.tensor([0, 4, 2], device="cuda")
+    reference_logits, reference = _run(eager, pixel_values, labels)
+    with sdpa_kernel(backend) if backend is not None else torch.enable_grad():
+        logits, grads = _run(fused, pixel_values, labels)
+    torch.testing.assert_close(logits, reference_logits, atol=1e-4, rtol=0)
+    assert grads.keys() == reference.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], reference[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("attention_type", ["focal", "focal_fast"])
+def test_bfloat16_training_step(attention_type):
+    eager, fused = _pair(attention_type)
+    pixel_values = torch.randn(4, 3, 96, 96, device="cuda")
+    labels = torch.tensor([0, 1, 2, 3], device="cuda")
+    reference_logits, reference = _run(eager, pixel_values, labels)
+    with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        logits, grads = _run(fused, pixel_values, labels)
+    torch.testing.assert_close(logits.float(), reference_logits, atol=5e-2, rtol=5e-2)
+    flat = torch.cat([grads[name].float().flatten() for name in reference])
+    flat_reference = torch.cat([grad.flatten() for grad in reference.values()])
+    assert torch.nn.functional.cosine_similarity(flat, flat_reference, dim=0) > 0.99
+
+
+def test_focal_tiny_on_gpu_equals_cpu():
+    torch.manual_seed(0)
+    model = FocalForImageClassification(official_config("focal-tiny")).eval()
+    pixel_values = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        cpu = model(pixel_values).logits
+        gpu = model.cuda()(pixel_values.cuda()).logits.cpu()
+    torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=0)
