@@ -18,9 +18,8 @@ import argparse
 import json
 import logging
 import os
-import shutil
+import signal
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -31,6 +30,7 @@ from huggingface_hub import EvalResult, ModelCard
 
 from . import hub
 from .configuration_focal import FocalConfig
+from .folders import FolderError, FolderLock, check_writable, install, new_staging, not_writable, recover
 from .image_processing_focal import FocalImageProcessor
 from .modeling_focal import FocalForImageClassification
 from .original import (
@@ -201,21 +201,30 @@ are recomputed from the config).
 
 
 def convert(
-    config: FocalConfig, checkpoint: Path, output_dir: Path, card: CardInfo, processor: FocalImageProcessor
+    config: FocalConfig,
+    checkpoint: Path,
+    output_dir: Path,
+    card: CardInfo,
+    processor: FocalImageProcessor,
+    force: bool = False,
 ) -> Path:
-    """Convert `checkpoint` for `config` into `output_dir` (which must not exist), atomically; returns it."""
+    """Convert `checkpoint` for `config` into `output_dir`; returns it. The folder is written beside it, verified,
+    then renamed into place; an existing `output_dir` (only with `force`) is replaced by rename-aside and rename-in
+    (see `focal_hf.folders`), so a kill at any instant leaves the old or the new folder whole. A failure leaves
+    nothing behind."""
     try:
         state_dict = convert_original_state_dict(load_original_state_dict(checkpoint), config)
     except ValueError as error:
         raise ConversionError(str(error)) from error
     model = FocalForImageClassification(config).eval()
     model.load_state_dict(state_dict)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    lock = FolderLock(output_dir, writer="focal-convert")
     try:
+        for message in recover(output_dir):
+            logger.warning(message)
+        if output_dir.exists() and not force:
+            raise ConversionError(f"{output_dir} exists; pass --force to replace it.")
+        staging = new_staging(output_dir)
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         if card.remote_code:
@@ -223,10 +232,14 @@ def convert(
         num_parameters = sum(p.numel() for p in model.parameters())
         model_card(card, config, processor, checkpoint.name, num_parameters).save(staging / "README.md")
         verify(model, staging)
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        install(staging, output_dir)
+    except BaseException as error:
+        recover(output_dir)  # removes the staging folder; restores the old folder if it was moved aside
+        if isinstance(error, PermissionError):
+            raise not_writable(output_dir, error) from error
         raise
+    finally:
+        lock.release()
     return output_dir
 
 
@@ -285,6 +298,7 @@ def main(argv=None) -> int:
     """The `focal-convert` command; returns the exit status."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # `kill`: clean up as on Ctrl-C
     try:
         repo_id = hub.check_push_access(args.push_to_hub, args.token) if args.push_to_hub else None
         if args.model_name:
@@ -304,8 +318,8 @@ def main(argv=None) -> int:
         output_dir = Path(args.output_dir or name)
         if output_dir.exists() and not args.force:
             raise ConversionError(f"{output_dir} exists; pass --force to replace it.")
+        check_writable(output_dir)
         checkpoint = fetch_checkpoint(args.checkpoint, args.model_name)
-        target = output_dir if not output_dir.exists() else output_dir.with_name(f".{output_dir.name}.new")
         card = CardInfo(
             model_id=repo_id or output_dir.name,
             official_name=args.model_name,
@@ -314,18 +328,24 @@ def main(argv=None) -> int:
             datasets=args.dataset,
             remote_code=args.remote_code,
         )
-        convert(config, checkpoint, target, card, processor)
-        if target != output_dir:  # --force: swap only once the new folder is complete
-            shutil.rmtree(output_dir)
-            target.rename(output_dir)
+        convert(config, checkpoint, output_dir, card, processor, force=args.force)
         logger.info(f"Wrote {output_dir}/ from {checkpoint}.")
         if repo_id:
             commit = hub.push_folder(output_dir, repo_id, args.token, args.private, args.commit_message)
             logger.info(f"Uploaded to {commit}")
-    except (ConversionError, hub.HubError) as error:
+    except (ConversionError, FolderError, hub.HubError) as error:
         print(f"focal-convert: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("focal-convert: interrupted; no unfinished folder is left behind.", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":
