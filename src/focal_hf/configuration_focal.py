@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
-from huggingface_hub.dataclasses import strict
+from huggingface_hub.dataclasses import strict, type_validator
 from transformers import PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
@@ -181,12 +182,13 @@ class FocalConfig(BackboneConfigMixin, PreTrainedConfig):
     use_pre_norm: bool = False
     attention_type: str = "focal"
     focal_topk: int = 128
-    layer_norm_eps: float = 1e-5
-    initializer_range: float = 0.02
+    layer_norm_eps: float | int = 1e-5
+    initializer_range: float | int = 0.02
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        self.validate_field_types()
         for name in ("depths", "num_heads", "focal_stages", "focal_levels", "focal_windows", "expand_sizes"):
             setattr(self, name, list(getattr(self, name)))
         if not isinstance(self.image_size, int):
@@ -239,8 +241,17 @@ class FocalConfig(BackboneConfigMixin, PreTrainedConfig):
         )
 
     # ---------------------------------------------------------------- validation
+    def validate_field_types(self):
+        """Part of `@strict`-powered validation: each field's value has its annotated type (an `int` field takes no
+        `float`, `str` or `bool`). `@strict` cannot check them itself here: its annotations are strings."""
+        for name in field_types():
+            error = field_type_error(name, getattr(self, name))
+            if error:
+                raise ValueError(error)
+
     def validate_architecture(self):
         """Part of `@strict`-powered validation: reject settings the architecture cannot be built with."""
+        self.validate_field_types()  # first: the checks below compare numbers
         num_stages = len(self.depths)
         if num_stages == 0 or any(d < 1 for d in self.depths):
             raise ValueError(f"`depths` must list at least one stage, each with >= 1 block; got {self.depths}.")
@@ -272,6 +283,8 @@ class FocalConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(f"`focal_stages` must be stage indices in [0, {num_stages}); got {self.focal_stages}.")
         if any(level < 0 for level in self.focal_levels) or any(e < 0 for e in self.expand_sizes):
             raise ValueError("`focal_levels` and `expand_sizes` must be >= 0.")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"`mlp_ratio` must be > 0; got {self.mlp_ratio}.")
         if not 0 <= self.drop_path_rate < 1 or not 0 <= self.hidden_dropout_prob < 1:
             raise ValueError("`drop_path_rate` and `hidden_dropout_prob` must be in [0, 1).")
         if not 0 <= self.attention_probs_dropout_prob < 1:
@@ -309,6 +322,23 @@ class FocalConfig(BackboneConfigMixin, PreTrainedConfig):
                     f"Focal-fast attention with `focal_levels[{stage}]`={level} needs pooled windows in stage "
                     f"{stage}: set `focal_pool` other than 'none' and list the stage in `focal_stages`."
                 )
+
+
+@functools.cache
+def field_types() -> dict[str, object]:
+    """`FocalConfig`'s own fields and their types (its annotations, which are strings here, evaluated)."""
+    return {name: eval(hint, globals()) for name, hint in FocalConfig.__annotations__.items()}  # noqa: S307
+
+
+def field_type_error(name: str, value, label: str | None = None) -> str | None:
+    """Why `value` cannot be `FocalConfig` field `name` (shown as `label`), or `None` if it can."""
+    expected = field_types()[name]
+    try:
+        type_validator(name, value, expected)
+    except TypeError:
+        shown = getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+        return f"`{label or name}` must be {shown}; got {value!r} ({type(value).__name__})."
+    return None
 
 
 def pooled_window_size(window_size: int, level: int) -> int:

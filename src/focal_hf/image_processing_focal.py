@@ -2,8 +2,28 @@
 """Image processor reproducing the official Focal Transformer evaluation transform."""
 
 import numpy as np
+from PIL import Image
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
 from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+
+# PIL grey modes of more than 8 bits, and the value that becomes 255
+HIGH_BIT_DEPTH_MAXIMUM = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def to_8_bit(image):
+    """A 16-bit (`I;16*`) or 32-bit (`I`, `F`) grey PIL image as an 8-bit one (`L`), scaled to 0..255; other input
+    unchanged. PIL's own conversion to RGB clips such images (to white, mostly). Integer images are read as 16-bit
+    (what PIL opens 16-bit PNG and TIFF files as), float ones as 0..1; values outside those ranges are refused."""
+    if not isinstance(image, Image.Image) or image.mode not in HIGH_BIT_DEPTH_MAXIMUM:
+        return image
+    maximum = HIGH_BIT_DEPTH_MAXIMUM[image.mode]
+    values = np.asarray(image).astype(np.float64)
+    if values.size and (values.min() < 0 or values.max() > maximum or not np.isfinite(values).all()):
+        raise ValueError(
+            f"Cannot scale a mode {image.mode!r} image with values in [{values.min()}, {values.max()}] to 8 bits: "
+            f"expected values in [0, {maximum}]. Convert it to an 8-bit image (mode 'L' or 'RGB') first."
+        )
+    return Image.fromarray(np.rint(values * (255 / maximum)).astype(np.uint8))
 
 
 class FocalImageProcessor(BitImageProcessorPil):
@@ -50,5 +70,9 @@ class FocalImageProcessor(BitImageProcessorPil):
         left = int(round((width - size.width) / 2.0))
         return image[..., top : top + size.height, left : left + size.width]
 
+    def process_image(self, image, *args, **kwargs) -> np.ndarray:
+        """As transformers' PIL backend, with 16- and 32-bit grey images scaled to 8 bits first (`to_8_bit`)."""
+        return super().process_image(to_8_bit(image), *args, **kwargs)
 
-__all__ = ["FocalImageProcessor"]
+
+__all__ = ["FocalImageProcessor", "to_8_bit"]

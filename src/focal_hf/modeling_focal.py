@@ -1128,6 +1128,8 @@ class FocalPreTrainedModel(PreTrainedModel):
             raise ValueError(f"{expected}, got {tuple(pixel_values.shape[-2:])}.")
         if not pixel_values.is_floating_point():
             raise ValueError(f"{expected} as a floating-point tensor, got {pixel_values.dtype}.")
+        if pixel_values.shape[0] == 0:
+            raise ValueError(f"{expected} and batch_size >= 1, got an empty batch {tuple(pixel_values.shape)}.")
 
 
 class FocalEncoder(FocalPreTrainedModel):
@@ -1207,6 +1209,8 @@ class FocalModel(FocalPreTrainedModel):
             Whether `reshaped_hidden_states` holds each stage's map before its downsampling.
         """
         self.check_pixel_values(pixel_values)
+        # as transformers' ViT family: e.g. fp16 or fp64 input to an fp32 model
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
         output_hidden_states = kwargs.pop("output_hidden_states", self.config.output_hidden_states)
         embedding_output, input_dimensions = self.embeddings(pixel_values)
         encoder_outputs = self.encoder(

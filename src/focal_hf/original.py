@@ -4,6 +4,7 @@ and its named ImageNet-1K architectures."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -12,8 +13,10 @@ from typing import Any
 import torch
 from transformers.image_utils import PILImageResampling
 
-from .configuration_focal import FocalConfig
+from .configuration_focal import FocalConfig, field_type_error
 from .image_processing_focal import FocalImageProcessor
+
+logger = logging.getLogger(__name__)
 
 # Official `config.py` defaults under MODEL.FOCAL, and where each one goes in FocalConfig (None: accepted, unused
 # by the official model code as well).
@@ -75,11 +78,15 @@ def config_from_original(path_or_dict, **kwargs) -> FocalConfig:
 
 def config_kwargs_from_original(path_or_dict) -> dict:
     """`FocalConfig` keyword arguments for an official config (YAML path or dict), as `config_from_original`
-    documents."""
+    documents. A value of the wrong type raises a `ValueError` naming its key; keys outside the official schema are
+    reported with a warning (they have no effect), unknown `MODEL.FOCAL` keys are an error."""
     original = _read_original_config(path_or_dict)
-    model = original.get("MODEL") or {}
-    data = original.get("DATA") or {}
-    focal = model.get("FOCAL") or {}
+    model = _section(original, "MODEL")
+    data = _section(original, "DATA")
+    focal = _section(model, "FOCAL", "MODEL.")
+    _warn_unknown(original, _SECTIONS, "")
+    _warn_unknown(model, _MODEL_KEYS, "MODEL.")
+    _warn_unknown(data, _DATA_KEYS, "DATA.")
     model_type = model.get("TYPE", "focal")
     if model_type not in _MODEL_TYPES:
         raise ValueError(f"MODEL.TYPE must be one of {sorted(_MODEL_TYPES)}; got {model_type!r}.")
@@ -88,17 +95,58 @@ def config_kwargs_from_original(path_or_dict) -> dict:
         raise ValueError(f"Unknown MODEL.FOCAL keys {unknown}; the official schema has {sorted(_FOCAL_DEFAULTS)}.")
 
     kwargs: dict[str, Any] = {}
+    keys: dict[str, str] = {}  # FocalConfig name -> official key, for error messages
     for key, (name, default) in _FOCAL_DEFAULTS.items():
         if name is not None:
-            kwargs[name] = focal.get(key, default)
+            kwargs[name], keys[name] = focal.get(key, default), f"MODEL.FOCAL.{key}"
     kwargs["attention_type"] = _MODEL_TYPES[model_type]
     kwargs["qk_scale"] = kwargs["qk_scale"] or None  # the official `QK_SCALE: False` means head_dim ** -0.5
-    image_size = data.get("IMG_SIZE", 224)
-    kwargs["image_size"] = image_size if isinstance(image_size, int) else list(image_size)
-    kwargs["num_labels"] = model.get("NUM_CLASSES", 1000)
-    kwargs["hidden_dropout_prob"] = model.get("DROP_RATE", 0.0)
-    kwargs["drop_path_rate"] = model.get("DROP_PATH_RATE", 0.1)
+    kwargs["image_size"], keys["image_size"] = data.get("IMG_SIZE", 224), "DATA.IMG_SIZE"
+    kwargs["num_labels"], keys["num_labels"] = model.get("NUM_CLASSES", 1000), "MODEL.NUM_CLASSES"
+    kwargs["hidden_dropout_prob"], keys["hidden_dropout_prob"] = model.get("DROP_RATE", 0.0), "MODEL.DROP_RATE"
+    kwargs["drop_path_rate"], keys["drop_path_rate"] = model.get("DROP_PATH_RATE", 0.1), "MODEL.DROP_PATH_RATE"
+    for name, key in keys.items():
+        error = _type_error(name, kwargs[name], key)
+        if error:
+            raise ValueError(error)
     return kwargs
+
+
+# the official yacs schema (microsoft/Focal-Transformer `config.py`): its top-level keys, and those of MODEL and DATA
+_SECTIONS = set(
+    "BASE DATA MODEL TRAIN AUG TEST AMP_OPT_LEVEL OUTPUT TAG SAVE_FREQ PRINT_FREQ SEED EVAL_MODE THROUGHPUT_MODE "
+    "DEBUG_MODE LOCAL_RANK".split()
+)
+_MODEL_KEYS = set("TYPE NAME RESUME NUM_CLASSES DROP_RATE DROP_PATH_RATE LABEL_SMOOTHING SPEC FOCAL".split())
+_DATA_KEYS = set(
+    "BATCH_SIZE DATA_PATH DATASET IMG_SIZE INTERPOLATION ZIP_MODE CACHE_MODE PIN_MEMORY NUM_WORKERS".split()
+)
+
+
+def _section(parent: Mapping, key: str, prefix: str = "") -> Mapping:
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{prefix}{key} must be a section (a mapping of keys); got {value!r}.")
+    return value
+
+
+def _warn_unknown(section: Mapping, known: set[str], prefix: str) -> None:
+    unknown = sorted(str(key) for key in set(section) - known)
+    if unknown:
+        logger.warning(
+            f"Ignoring {', '.join(prefix + key for key in unknown)}: not in the official config schema (a typo?); "
+            f"they have no effect."
+        )
+
+
+def _type_error(name: str, value: Any, key: str) -> str | None:
+    """Why the official `key`'s `value` cannot be `FocalConfig` field `name`, or `None`."""
+    if name == "num_labels":  # a property of PreTrainedConfig, not a field
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"`{key}` must be int; got {value!r} ({type(value).__name__})."
+    return field_type_error(name, value, key)
 
 
 # official DATA.INTERPOLATION -> PIL resampling (timm's `_pil_interp`, which the official code uses: anything else,
@@ -116,10 +164,10 @@ def image_processor_from_original(path_or_dict) -> FocalImageProcessor:
     `int(256 / 224 * IMG_SIZE)`, centre-crop `IMG_SIZE`; False: resize to `IMG_SIZE`). As in the official code, an
     `IMG_SIZE` of 32 or less is neither resized nor cropped."""
     original = _read_original_config(path_or_dict)
-    data = original.get("DATA") or {}
+    data = _section(original, "DATA")
     image_size = data.get("IMG_SIZE", 224)
     resample = _INTERPOLATIONS.get(data.get("INTERPOLATION", "bicubic"), PILImageResampling.BILINEAR)
-    crop = bool((original.get("TEST") or {}).get("CROP", True))
+    crop = bool(_section(original, "TEST").get("CROP", True))
     processor = FocalImageProcessor.for_image_size(image_size, crop=crop, resample=resample)
     if min(processor.crop_size["height"], processor.crop_size["width"]) <= 32:  # the official `IMG_SIZE > 32`
         processor.do_resize = processor.do_center_crop = False
