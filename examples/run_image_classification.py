@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,9 +47,12 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
 import focal_hf
 from focal_hf import hub
+from focal_hf.folders import set_default_modes
+from focal_hf.image_processing_focal import to_8_bit
 
 logger = logging.getLogger(__name__)
 ACCURACY = str(Path(__file__).resolve().parent / "metrics" / "accuracy")
@@ -112,13 +116,82 @@ class ModelArguments:
             raise ValueError("Give exactly one of --model_name_or_path, --model_preset and --config_name.")
 
 
-def load_data(data_args: DataTrainingArguments, cache_dir: str | None, token: str | None = None):
-    """The dataset with `train` and `validation` splits, its columns checked."""
+@dataclass
+class FocalTrainingArguments(TrainingArguments):
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into a non-empty --output_dir, deleting the earlier run's checkpoint-* folders."},
+    )
+
+
+def prepare_output_dir(training_args: FocalTrainingArguments) -> None:
+    """Refuse to train into a non-empty `--output_dir` unless resuming from it (`--resume_from_checkpoint`, where
+    `latest` picks its newest checkpoint) or `--overwrite_output_dir` is given, as transformers' examples did: the
+    new run would otherwise overwrite some files of the earlier one and leave its later checkpoints mixed in."""
+    output = Path(training_args.output_dir)
+    if training_args.resume_from_checkpoint == "latest":
+        last = get_last_checkpoint(output) if output.is_dir() else None
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint latest: there is no checkpoint-* folder in {output}.")
+        training_args.resume_from_checkpoint = last
+    if not training_args.do_train or training_args.resume_from_checkpoint is not None:
+        return
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if not training_args.overwrite_output_dir:
+        raise ValueError(
+            f"--output_dir {output} is not empty (it holds {', '.join(sorted(p.name for p in output.iterdir()))}): "
+            f"pass --resume_from_checkpoint latest to continue that run, --overwrite_output_dir to train anew into "
+            f"it (its checkpoints are deleted), or another --output_dir."
+        )
+    if training_args.process_index == 0:
+        for checkpoint in sorted(output.glob("checkpoint-*")):
+            logger.warning(f"--overwrite_output_dir: deleting {checkpoint} of the earlier run.")
+            shutil.rmtree(checkpoint)
+
+
+def check_class_folders(folder: str) -> None:
+    """Every class folder (`<label>/`) under `folder` holds an image: `imagefolder` would silently drop the label."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    extensions = set(ImageFolder.EXTENSIONS)
+    classes = [path for path in sorted(Path(folder).iterdir()) if path.is_dir() and not path.name.startswith(".")]
+    empty = [
+        str(path)
+        for path in classes
+        if not any(file.suffix.lower() in extensions and file.is_file() for file in path.rglob("*"))
+    ]
+    if empty:
+        raise ValueError(
+            f"Class folder(s) without images: {', '.join(empty)}. Add images to them or remove them (image files "
+            f"end in .jpg, .png, ...)."
+        )
+
+
+def read_image(value) -> Image.Image:
+    """An RGB image from a dataset's image column read undecoded (`load_data`); an unreadable or truncated file is
+    an error naming it."""
+    if not isinstance(value, Image.Image):
+        try:
+            value = datasets.Image().decode_example(value)
+        except Exception as error:
+            raise ValueError(f"Cannot read image {value.get('path') or '(embedded bytes)'}: {error}") from error
+    return to_8_bit(value).convert("RGB")
+
+
+def load_data(
+    data_args: DataTrainingArguments, cache_dir: str | None, token: str | None = None
+) -> datasets.DatasetDict:
+    """The dataset with `train` and `validation` splits, its columns checked, images left undecoded for
+    `read_image`."""
     if data_args.dataset_name is not None:
         dataset = datasets.load_dataset(
             data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir, token=token
         )
     else:
+        for folder in (data_args.train_dir, data_args.validation_dir):
+            if folder is not None:
+                check_class_folders(folder)
         data_files = {"train": os.path.join(data_args.train_dir, "**")}
         if data_args.validation_dir is not None:
             data_files["validation"] = os.path.join(data_args.validation_dir, "**")
@@ -139,6 +212,8 @@ def load_data(data_args: DataTrainingArguments, cache_dir: str | None, token: st
     if "validation" not in dataset:
         split = dataset["train"].train_test_split(data_args.train_val_split, seed=0)
         dataset["train"], dataset["validation"] = split["train"], split["test"]
+    if isinstance(dataset["train"].features[data_args.image_column_name], datasets.Image):
+        dataset = dataset.cast_column(data_args.image_column_name, datasets.Image(decode=False))
     return dataset
 
 
@@ -242,7 +317,7 @@ def make_transforms(image_processor, data_args: DataTrainingArguments, augmentat
         images = []
         for image, index in zip(batch[image_column], batch["example_index"]):
             rng = augmentation_seed.rng(index)
-            image = random_resized_crop(image.convert("RGB"), size, (data_args.crop_scale_min, 1.0), rng)
+            image = random_resized_crop(read_image(image), size, (data_args.crop_scale_min, 1.0), rng)
             if data_args.horizontal_flip and rng.random() < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
             images.append(image)
@@ -250,7 +325,7 @@ def make_transforms(image_processor, data_args: DataTrainingArguments, augmentat
         return {"pixel_values": list(pixel_values["pixel_values"]), "labels": batch[label_column]}
 
     def eval_transforms(batch):
-        images = [image.convert("RGB") for image in batch[image_column]]
+        images = [read_image(image) for image in batch[image_column]]
         pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": list(pixel_values), "labels": batch[label_column]}
 
@@ -340,7 +415,7 @@ def collate_fn(examples):
 
 def main(args: list[str] | None = None) -> dict:
     """Run the example; returns the final metrics."""
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, FocalTrainingArguments))
     if args is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
     else:
@@ -360,6 +435,8 @@ def main(args: list[str] | None = None) -> dict:
     if training_args.push_to_hub:  # before any work: a valid repo id, a write token, a reachable Hub
         repo_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
         training_args.hub_model_id = hub.check_push_access(repo_id, training_args.hub_token)
+    with training_args.main_process_first(desc="checking --output_dir"):
+        prepare_output_dir(training_args)
 
     dataset = load_data(data_args, model_args.cache_dir, model_args.token)
     labels = dataset["train"].features[data_args.label_column_name].names
@@ -423,6 +500,8 @@ def main(args: list[str] | None = None) -> dict:
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
+        if trainer.is_world_process_zero():
+            set_default_modes(training_args.output_dir)  # safetensors writes 0600 files
         metrics.update(result.metrics)
     if training_args.do_eval:
         eval_metrics = trainer.evaluate()

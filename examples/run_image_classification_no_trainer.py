@@ -22,6 +22,8 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from transformers import get_scheduler
 from transformers.hf_argparser import string_to_bool
 
 from focal_hf import hub
+from focal_hf.folders import install, set_default_modes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_image_classification import (  # noqa: E402
@@ -53,6 +56,8 @@ from run_image_classification import (  # noqa: E402
 )
 
 logger = get_logger(__name__)
+CHECKPOINT_NAME = re.compile(r"^(step|epoch)_\d+$")
+PROGRESS = "progress.json"  # written last into a checkpoint: its presence marks a complete one
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,7 +106,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--cpu", action="store_true", help="run on CPU even where an accelerator is available")
     train.add_argument("--checkpointing_steps", help="save the training state every N steps, or 'epoch'")
-    train.add_argument("--resume_from_checkpoint", help="a checkpoint folder written by --checkpointing_steps")
+    train.add_argument(
+        "--resume_from_checkpoint",
+        help="a checkpoint folder written by --checkpointing_steps, or 'latest' (or the --output_dir itself) for the "
+        "newest complete one in --output_dir",
+    )
     train.add_argument("--with_tracking", action="store_true", help="log metrics with accelerate's trackers")
     train.add_argument("--report_to", default="all", help="trackers for --with_tracking")
     hub_group = parser.add_argument_group("sharing")
@@ -116,9 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.checkpointing_steps not in (None, "epoch") and not args.checkpointing_steps.isdigit():
         parser.error(f"--checkpointing_steps must be a number of steps or 'epoch', got {args.checkpointing_steps!r}")
-    if args.resume_from_checkpoint is not None and not Path(args.resume_from_checkpoint).is_dir():
-        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder")
-    try:  # the shared dataclasses check data and model sources
+    try:  # the shared dataclasses check data and model sources; the checkpoint is complete
+        if args.resume_from_checkpoint is not None:
+            args.resume_from_checkpoint = str(resolve_checkpoint(args.resume_from_checkpoint, args.output_dir))
         args.data = DataTrainingArguments(
             dataset_name=args.dataset_name,
             dataset_config_name=args.dataset_config_name,
@@ -152,6 +161,41 @@ def parse_args(argv=None) -> argparse.Namespace:
         except hub.HubError as error:
             parser.error(f"{error} Pass --hub_model_id.")
     return args
+
+
+def complete_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints (`step_N`/`epoch_N` with their progress file) in `folder`, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [
+        (json.loads((path / PROGRESS).read_text())["step"], path.stat().st_mtime, path)
+        for path in folder.iterdir()
+        if CHECKPOINT_NAME.match(path.name) and (path / PROGRESS).is_file()
+    ]
+    return [path for _, _, path in sorted(found)]
+
+
+def resolve_checkpoint(checkpoint: str, output_dir: str) -> Path:
+    """The checkpoint folder `--resume_from_checkpoint` means: 'latest' or the output folder give its newest complete
+    checkpoint; an incomplete one (a save that was interrupted by an earlier version) is an error naming the newest
+    complete one."""
+    path = Path(checkpoint)
+    if checkpoint == "latest" or (path.is_dir() and path.resolve() == Path(output_dir).resolve()):
+        checkpoints = complete_checkpoints(output_dir)
+        if not checkpoints:
+            raise ValueError(f"--resume_from_checkpoint {checkpoint}: there is no complete checkpoint in {output_dir}.")
+        return checkpoints[-1]
+    if not path.is_dir():
+        raise ValueError(f"--resume_from_checkpoint {checkpoint!r} is not a checkpoint folder.")
+    if not (path / PROGRESS).is_file():
+        newest = complete_checkpoints(path.parent)
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint!r} is not a complete checkpoint (it has no {PROGRESS}: its save "
+            f"was interrupted). "
+            + (f"The newest complete one is {newest[-1]}." if newest else f"There is no complete one in {path.parent}.")
+        )
+    return path
 
 
 def main(argv=None) -> dict:
@@ -216,16 +260,29 @@ def main(argv=None) -> dict:
         )
 
     completed_steps, start_epoch, skip_batches = 0, 0, 0
+    if accelerator.is_main_process:  # checkpoint saves a kill interrupted
+        for leftover in Path(args.output_dir).glob(".*.new"):
+            logger.warning(f"Removing {leftover}, an unfinished checkpoint save.")
+            shutil.rmtree(leftover)
     if args.resume_from_checkpoint:
-        completed_steps = int(json.loads((Path(args.resume_from_checkpoint) / "progress.json").read_text())["step"])
+        completed_steps = int(json.loads((Path(args.resume_from_checkpoint) / PROGRESS).read_text())["step"])
         start_epoch = completed_steps // steps_per_epoch
         skip_batches = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
 
     def save_checkpoint(name: str):
+        """Save the training state into a hidden folder and rename it to `name` once complete: an interrupted save
+        leaves no `name` folder."""
         folder = Path(args.output_dir) / name
-        accelerator.save_state(str(folder))
+        staging = folder.with_name(f".{name}.new")
         if accelerator.is_main_process:
-            (folder / "progress.json").write_text(json.dumps({"step": completed_steps}))
+            shutil.rmtree(staging, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (staging / PROGRESS).write_text(json.dumps({"step": completed_steps}))
+            install(staging, folder)
+        accelerator.wait_for_everyone()
 
     progress = tqdm(range(max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process)
     losses = []
@@ -288,6 +345,7 @@ def main(argv=None) -> dict:
         image_processor.save_pretrained(args.output_dir)
         if args.remote_code:
             hub.add_remote_code(args.output_dir, unwrapped.config, image_processor)
+        set_default_modes(args.output_dir)  # safetensors writes 0600 files
         with open(os.path.join(args.output_dir, "all_results.json"), "w") as handle:
             json.dump({"eval_accuracy": metrics["accuracy"]}, handle)
         hyperparameters = {

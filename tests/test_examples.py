@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import shutil
+import stat
 import subprocess
 import sys
 import warnings
@@ -242,8 +244,8 @@ def test_unlabelled_data_is_explained(tmp_path):
         )
 
 
-def trainer_args(image_folder, output, *extra):
-    """A short Trainer run (one epoch) of the tiny model."""
+def trainer_args(image_folder, output, *extra, save_steps=None):
+    """A short Trainer run (one epoch) of the tiny model, with a checkpoint every `save_steps` steps if given."""
     return [
         *model_args(image_folder),
         "--output_dir",
@@ -256,8 +258,7 @@ def trainer_args(image_folder, output, *extra):
         "8",
         "--report_to",
         "none",
-        "--save_strategy",
-        "no",
+        *(["--save_strategy", "steps", "--save_steps", str(save_steps)] if save_steps else ["--save_strategy", "no"]),
         *extra,
     ]
 
@@ -405,3 +406,139 @@ def test_trainer_repository_creation_refused_is_one_error(image_folder, tmp_path
             trainer_args(image_folder, output, "--push_to_hub", "--hub_model_id", "org/focal")
         )
     assert not (output / "model.safetensors").exists()  # refused before training
+
+
+# ------------------------------------------------------------------ output folders, checkpoints and bad data
+def test_trainer_refuses_a_used_output_dir_unless_resuming_or_overwriting(image_folder, tmp_path):
+    output = tmp_path / "trainer"
+    run_image_classification.main(trainer_args(image_folder, output, "--max_steps", "2", save_steps=1))
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert stat.S_IMODE((output / "model.safetensors").stat().st_mode) == 0o666 & ~current_umask()
+    before = (output / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="is not empty .*--resume_from_checkpoint latest.*--overwrite_output_dir"):
+        run_image_classification.main(trainer_args(image_folder, output, "--max_steps", "1", save_steps=1))
+    assert (output / "model.safetensors").read_bytes() == before  # nothing touched
+
+    # resuming the newest checkpoint continues that run
+    run_image_classification.main(
+        trainer_args(image_folder, output, "--max_steps", "3", "--resume_from_checkpoint", "latest", save_steps=1)
+    )
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and [e["step"] for e in state["log_history"] if "train_loss" in e] == [3]
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+    # --overwrite_output_dir trains anew: none of the earlier run's checkpoints is left mixed in
+    run_image_classification.main(
+        trainer_args(image_folder, output, "--max_steps", "1", "--overwrite_output_dir", save_steps=1)
+    )
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 1
+
+    with pytest.raises(ValueError, match="no checkpoint-\\* folder in"):
+        run_image_classification.main(
+            trainer_args(
+                image_folder, tmp_path / "new", "--max_steps", "1", "--resume_from_checkpoint", "latest", save_steps=1
+            )
+        )
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class Killed(BaseException):
+    """Stands for a kill: the process stops where it is."""
+
+
+def test_interrupted_accelerate_checkpoint_save_leaves_no_checkpoint(image_folder, tmp_path, monkeypatch, capsys):
+    from accelerate import Accelerator
+
+    real_save_state = Accelerator.save_state
+
+    def save_state(self, output_dir=None, **kwargs):
+        real_save_state(self, output_dir, **kwargs)
+        if Path(output_dir).name.startswith(".step_2"):  # killed while the optimizer state was being written
+            (Path(output_dir) / "optimizer.bin").write_bytes(b"")
+            raise Killed
+
+    stopped = tmp_path / "stopped"
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    three_steps = ["--max_train_steps", "3", "--checkpointing_steps", "1"]
+    with pytest.raises(Killed):
+        run_image_classification_no_trainer.main(no_trainer_args(image_folder, stopped, *three_steps))
+    monkeypatch.undo()
+    assert sorted(p.name for p in stopped.iterdir()) == [".step_2.new", "step_1"]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (stopped / "step_1").iterdir()} == {0o666 & ~current_umask()}
+
+    # a checkpoint of an earlier version's interrupted save: named, and the newest complete one pointed to
+    shutil.copytree(stopped / ".step_2.new", stopped / "step_2")
+    with pytest.raises(SystemExit):
+        run_image_classification_no_trainer.main(
+            no_trainer_args(image_folder, stopped, "--resume_from_checkpoint", str(stopped / "step_2"))
+        )
+    error = capsys.readouterr().err
+    assert "is not a complete checkpoint" in error and f"The newest complete one is {stopped / 'step_1'}" in error
+    shutil.rmtree(stopped / "step_2")
+
+    # `latest` resumes from the newest complete checkpoint and ends as an uninterrupted run does
+    run_image_classification_no_trainer.main(
+        no_trainer_args(image_folder, stopped, *three_steps, "--resume_from_checkpoint", "latest")
+    )
+    assert f"Resumed from {stopped / 'step_1'} at step 1" in capsys.readouterr().out
+    assert sorted(p.name for p in stopped.glob("*step_*")) == ["step_1", "step_2", "step_3"]  # no leftover
+    run_image_classification_no_trainer.main(no_trainer_args(image_folder, tmp_path / "full", "--max_train_steps", "3"))
+    full, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(stopped / "model.safetensors")
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=0)
+    assert stat.S_IMODE((stopped / "model.safetensors").stat().st_mode) == 0o666 & ~current_umask()
+
+
+def test_resume_latest_without_checkpoints_is_explained(image_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_image_classification_no_trainer.main(
+            no_trainer_args(image_folder, tmp_path, "--resume_from_checkpoint", "latest")
+        )
+    assert "there is no complete checkpoint in" in capsys.readouterr().err
+
+
+def test_empty_class_folder_is_named(image_folder, tmp_path):
+    train = tmp_path / "train"
+    shutil.copytree(image_folder / "train", train)
+    (train / "grey").mkdir()
+    (train / "grey" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=f"Class folder\\(s\\) without images: {train / 'grey'}\\."):
+        run_image_classification.main(
+            [*model_args(image_folder)[:4], "--train_dir", str(train), "--output_dir", str(tmp_path / "out")]
+        )
+
+
+def test_unreadable_image_is_named(image_folder, tmp_path):
+    train = tmp_path / "train"
+    shutil.copytree(image_folder / "train", train)
+    good = (train / "dark" / "0.png").read_bytes()
+    (train / "dark" / "0.png").write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(ValueError, match=f"Cannot read image {train / 'dark' / '0.png'}: .*truncated"):
+        run_image_classification.main(
+            [
+                *model_args(image_folder)[:4],
+                "--train_dir",
+                str(train),
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--do_train",
+                "--max_steps",
+                "3",
+                "--report_to",
+                "none",
+            ]
+        )
+
+
+def test_16_bit_training_images_are_read_as_their_8_bit_values(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 40).round().astype(np.uint16), (36, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    image = run_image_classification.read_image({"path": str(tmp_path / "ramp.png"), "bytes": None})
+    assert image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(image)[..., 0], np.rint(ramp / 257).astype(np.uint8))
