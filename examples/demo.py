@@ -70,7 +70,9 @@ def write_digits(root: Path) -> tuple[Path, Path, list[tuple[Path, int]]]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="focal-digits", help="where the trained model is saved")
+    parser.add_argument(
+        "--output_dir", default="focal-digits", help="where the trained model is saved (an earlier demo's is replaced)"
+    )
     parser.add_argument("--epochs", type=float, default=30)
     args = parser.parse_args(argv)
     start = time.time()
@@ -97,6 +99,7 @@ def main(argv=None):
                 "false",  # a flipped digit is another digit
                 "--output_dir",
                 args.output_dir,
+                "--overwrite_output_dir",  # a rerun of the demo trains anew
                 "--do_train",
                 "--do_eval",
                 "--num_train_epochs",

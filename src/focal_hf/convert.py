@@ -15,11 +15,13 @@ and the Hub credentials are checked before anything is converted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -218,6 +220,7 @@ def convert(
         raise ConversionError(str(error)) from error
     model = FocalForImageClassification(config).eval()
     model.load_state_dict(state_dict)
+    output_dir = Path(os.path.abspath(output_dir))  # "." and "out/" have a name too
     lock = FolderLock(output_dir, writer="focal-convert")
     try:
         for message in recover(output_dir):
@@ -234,7 +237,8 @@ def convert(
         verify(model, staging)
         install(staging, output_dir)
     except BaseException as error:
-        recover(output_dir)  # removes the staging folder; restores the old folder if it was moved aside
+        with contextlib.suppress(OSError):  # the error to report is `error`
+            recover(output_dir)  # removes the staging folder; restores the old folder if it was moved aside
         if isinstance(error, PermissionError):
             raise not_writable(output_dir, error) from error
         raise
@@ -298,7 +302,9 @@ def main(argv=None) -> int:
     """The `focal-convert` command; returns the exit status."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # `kill`: clean up as on Ctrl-C
+    previous_handler = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill`: clean up as on Ctrl-C
     try:
         repo_id = hub.check_push_access(args.push_to_hub, args.token) if args.push_to_hub else None
         if args.model_name:
@@ -321,7 +327,7 @@ def main(argv=None) -> int:
         check_writable(output_dir)
         checkpoint = fetch_checkpoint(args.checkpoint, args.model_name)
         card = CardInfo(
-            model_id=repo_id or output_dir.name,
+            model_id=repo_id or Path(os.path.abspath(output_dir)).name,  # "." has a name too
             official_name=args.model_name,
             config_source=OFFICIAL_CONFIGS[args.model_name] if args.model_name else Path(args.config).name,
             license=args.license,
@@ -340,7 +346,8 @@ def main(argv=None) -> int:
         print("focal-convert: interrupted; no unfinished folder is left behind.", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous_handler)
     return 0
 
 
