@@ -1,5 +1,6 @@
 """Short runs of the fine-tuning examples on a tiny generated image folder."""
 
+import io
 import json
 import os
 import re
@@ -517,9 +518,10 @@ def test_empty_class_folder_is_named(image_folder, tmp_path):
 def test_unreadable_image_is_named(image_folder, tmp_path):
     train = tmp_path / "train"
     shutil.copytree(image_folder / "train", train)
-    good = (train / "dark" / "0.png").read_bytes()
-    (train / "dark" / "0.png").write_bytes(good[: len(good) // 2])  # truncated
-    with pytest.raises(ValueError, match=f"Cannot read image {train / 'dark' / '0.png'}: .*truncated"):
+    jpeg = io.BytesIO()
+    Image.open(train / "dark" / "0.png").save(jpeg, "JPEG")
+    (train / "dark" / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    with pytest.raises(ValueError, match=f"Cannot read image {train / 'dark' / 'truncated.jpg'}: .*truncated"):
         run_image_classification.main(
             [
                 *model_args(image_folder)[:4],
@@ -528,8 +530,8 @@ def test_unreadable_image_is_named(image_folder, tmp_path):
                 "--output_dir",
                 str(tmp_path / "out"),
                 "--do_train",
-                "--max_steps",
-                "3",
+                "--num_train_epochs",
+                "1",  # every image is read
                 "--report_to",
                 "none",
             ]
