@@ -16,6 +16,23 @@ POOL_METHODS = ("fc", "conv", "mean", "max", "none")
 EXPAND_LAYERS = ("all", "even", "odd")
 
 
+@functools.cache
+def field_types() -> dict[str, object]:
+    """`FocalConfig`'s own fields and their types (its annotations, which are strings here, evaluated)."""
+    return {name: eval(hint, globals()) for name, hint in FocalConfig.__annotations__.items()}  # noqa: S307
+
+
+def field_type_error(name: str, value, label: str | None = None) -> str | None:
+    """Why `value` cannot be `FocalConfig` field `name` (shown as `label`), or `None` if it can."""
+    expected = field_types()[name]
+    try:
+        type_validator(name, value, expected)
+    except TypeError:
+        shown = getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+        return f"`{label or name}` must be {shown}; got {value!r} ({type(value).__name__})."
+    return None
+
+
 @dataclass(frozen=True)
 class FocalBlockGeometry:
     """What one block of one stage looks like at `config.image_size`.
@@ -322,23 +339,6 @@ class FocalConfig(BackboneConfigMixin, PreTrainedConfig):
                     f"Focal-fast attention with `focal_levels[{stage}]`={level} needs pooled windows in stage "
                     f"{stage}: set `focal_pool` other than 'none' and list the stage in `focal_stages`."
                 )
-
-
-@functools.cache
-def field_types() -> dict[str, object]:
-    """`FocalConfig`'s own fields and their types (its annotations, which are strings here, evaluated)."""
-    return {name: eval(hint, globals()) for name, hint in FocalConfig.__annotations__.items()}  # noqa: S307
-
-
-def field_type_error(name: str, value, label: str | None = None) -> str | None:
-    """Why `value` cannot be `FocalConfig` field `name` (shown as `label`), or `None` if it can."""
-    expected = field_types()[name]
-    try:
-        type_validator(name, value, expected)
-    except TypeError:
-        shown = getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
-        return f"`{label or name}` must be {shown}; got {value!r} ({type(value).__name__})."
-    return None
 
 
 def pooled_window_size(window_size: int, level: int) -> int:
