@@ -187,7 +187,7 @@ def test_accelerate_example_with_two_processes(image_folder, tmp_path):
         "--nproc_per_node",
         "2",
         str(EXAMPLES / "run_image_classification_no_trainer.py"),
-        *no_trainer_args(image_folder, tmp_path, "--num_train_epochs", "2"),
+        *no_trainer_args(image_folder, tmp_path, "--num_train_epochs", "2", "--checkpointing_steps", "epoch"),
     ]
     result = subprocess.run(
         command,
@@ -200,6 +200,10 @@ def test_accelerate_example_with_two_processes(image_folder, tmp_path):
     assert "MULTI_CPU" in result.stdout + result.stderr and "Num processes: 2" in result.stdout + result.stderr
     assert json.loads((tmp_path / "all_results.json").read_text())["eval_accuracy"] >= 0.0
     assert (tmp_path / "model.safetensors").exists()
+    # checkpoints saved by both processes, each renamed into place once complete
+    assert sorted(p.name for p in tmp_path.glob("*epoch_*")) == ["epoch_0", "epoch_1"]
+    assert json.loads((tmp_path / "epoch_1" / "progress.json").read_text()) == {"step": 6}
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in (tmp_path / "epoch_1").iterdir()}
 
 
 @pytest.mark.parametrize(
