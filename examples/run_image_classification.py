@@ -139,8 +139,10 @@ def prepare_output_dir(training_args: FocalTrainingArguments) -> None:
     if not output.is_dir() or not any(output.iterdir()):
         return
     if not training_args.overwrite_output_dir:
+        names = sorted(path.name for path in output.iterdir())
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         raise ValueError(
-            f"--output_dir {output} is not empty (it holds {', '.join(sorted(p.name for p in output.iterdir()))}): "
+            f"--output_dir {output} is not empty (it holds {shown}): "
             f"pass --resume_from_checkpoint latest to continue that run, --overwrite_output_dir to train anew into "
             f"it (its checkpoints are deleted), or another --output_dir."
         )
