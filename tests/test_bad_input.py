@@ -10,7 +10,7 @@ from conftest import FIXTURES, tiny_config
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from PIL import Image
 
-from focal_hf import FocalBackbone, FocalConfig, FocalForImageClassification, FocalImageProcessor
+from focal_hf import FocalBackbone, FocalConfig, FocalForImageClassification, FocalImageProcessor, config_from_original
 from focal_hf.image_processing_focal import to_8_bit
 
 
@@ -76,25 +76,25 @@ def test_config_types_are_checked_again_on_validate():
 )
 def test_yaml_value_of_the_wrong_type_names_its_key(original, message):
     with pytest.raises(ValueError) as error:
-        FocalConfig.from_original_config(original)
+        config_from_original(original)
     assert str(error.value).startswith(message)
 
 
 def test_yaml_keys_outside_the_official_schema_are_reported(caplog, tmp_path):
     official = (FIXTURES / "v1_fc_224.yaml").read_text()
     with caplog.at_level(logging.WARNING, logger="focal_hf.original"):
-        FocalConfig.from_original_config(FIXTURES / "v1_fc_224.yaml")
+        config_from_original(FIXTURES / "v1_fc_224.yaml")
     assert caplog.text == ""  # an official file: nothing to report
     path = tmp_path / "typos.yaml"
     path.write_text(official + "MODLE:\n  TYPE: focalv2\nTRAIN:\n  EPOCHS: 3\nSEED: 1\n")
     with caplog.at_level(logging.WARNING, logger="focal_hf.original"):
-        config = FocalConfig.from_original_config(path)
+        config = config_from_original(path)
     assert "Ignoring MODLE: not in the official config schema" in caplog.text
     assert "TRAIN" not in caplog.text and "SEED" not in caplog.text  # official sections, unused here
     assert config.attention_type == "focal"
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="focal_hf.original"):
-        FocalConfig.from_original_config({"MODEL": {"NUM_CLASES": 10, "LABEL_SMOOTHING": 0.1}, "DATA": {"IMG_SZE": 1}})
+        config_from_original({"MODEL": {"NUM_CLASES": 10, "LABEL_SMOOTHING": 0.1}, "DATA": {"IMG_SZE": 1}})
     assert "Ignoring MODEL.NUM_CLASES" in caplog.text and "Ignoring DATA.IMG_SZE" in caplog.text
     assert "LABEL_SMOOTHING" not in caplog.text
 
