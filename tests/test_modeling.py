@@ -254,6 +254,61 @@ def test_sdpa_equals_eager(attention_type, overrides, attn_implementation):
         torch.testing.assert_close(sdpa_grads[name], eager_grads[name], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [(64, 64), (80, 48)])
+@pytest.mark.parametrize("attention_type", ATTENTIONS)
+def test_folded_attention_equals_eager_with_shift(attention_type, size, dtype):
+    # the path of every non-CPU device: one attention call with the windows folded into the heads and one bias
+    # broadcast over the batch (here forced through transformers' "sdpa" interface)
+    overrides = dict(use_shift=True, depths=[2, 2, 2, 1])
+    eager = make(FocalForImageClassification, attention_type, attn_implementation="eager", **overrides).train()
+    folded = make(FocalForImageClassification, attention_type, attn_implementation="sdpa", **overrides).train()
+    folded.load_state_dict(eager.state_dict())
+    eager, folded = eager.to(dtype), folded.to(dtype)
+    pixel_values, labels = torch.randn(2, 3, *size, dtype=dtype), torch.tensor([0, 4])
+    results = []
+    for model in (eager, folded):
+        model.zero_grad()
+        inputs = pixel_values.clone().requires_grad_()
+        output = model(inputs, labels=labels)
+        output.loss.backward()
+        gradients = {name: p.grad.float() for name, p in model.named_parameters()}
+        results.append((output.logits.float(), inputs.grad.float(), gradients))
+    (logits, input_grad, grads), (folded_logits, folded_input_grad, folded_grads) = results
+    assert len(grads) == len(list(eager.parameters()))  # every parameter, the bias tables and MLPs included
+    tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=5e-2)
+    torch.testing.assert_close(folded_logits, logits, **tolerance)
+    torch.testing.assert_close(folded_input_grad, input_grad, **tolerance)
+    for name in grads:
+        if dtype == torch.float32:
+            torch.testing.assert_close(folded_grads[name], grads[name], **tolerance, msg=name)
+        else:  # bfloat16: rounding differs between the paths; the gradients point the same way
+            cosine = torch.nn.functional.cosine_similarity(folded_grads[name].flatten(), grads[name].flatten(), dim=0)
+            assert cosine > 0.99 or grads[name].abs().max() < 1e-6, name
+
+
+def test_bias_handed_to_the_attention_kernel_does_not_grow_with_the_batch():
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = []
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        seen.append((query.shape[0], attention_mask.shape, attention_mask.untyped_storage().nbytes()))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("recording_sdpa", recording_sdpa)
+    model = make(FocalModel, attn_implementation="recording_sdpa", use_shift=True)
+    with torch.no_grad():
+        for batch_size in (1, 8):
+            model(torch.randn(batch_size, 3, 64, 64))
+    num_blocks = sum(model.config.depths)
+    batch_1, batch_8 = seen[:num_blocks], seen[num_blocks:]
+    assert [query_batch for query_batch, _, _ in batch_8] == [8] * num_blocks
+    for (_, shape_1, bytes_1), (_, shape_8, bytes_8) in zip(batch_1, batch_8, strict=True):
+        assert shape_1 == shape_8 and shape_8[0] == 1 and bytes_8 == bytes_1  # one copy, broadcast over the images
+
+
 def test_bfloat16_training_step_on_cpu():
     model = make(FocalForImageClassification).train()
     pixel_values, labels = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
