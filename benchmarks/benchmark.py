@@ -55,6 +55,11 @@ DEFAULTS = {  # per device: modes, image sizes, rounds, timed iterations, warm-u
         threads=None,
     ),
 }
+# speed mechanisms of the CPU path that `--without` turns off (to measure what each is worth)
+MECHANISMS = {
+    "cpu-attention-op": "the custom op of focal_sdpa on CPU (then: torch SDPA on the folded windows, as 'sdpa')",
+    "cpu-chunking": "blocks taking a few images at a time on CPU without autograd",
+}
 MODE_PATTERN = re.compile(r"^(infer|train)-([1-9][0-9]*)$")
 
 
@@ -76,15 +81,21 @@ def non_negative_int(text: str) -> int:
     return int(text)
 
 
-def build_model(name: str, image_size: int = 224, num_labels: int = 1000):
-    """An ImageNet classifier with random weights: an official Focal architecture or transformers' Swin-T."""
+def build_model(name: str, image_size: int = 224, num_labels: int = 1000, without: tuple[str, ...] = ()):
+    """An ImageNet classifier with random weights: an official Focal architecture or transformers' Swin-T; Focal
+    models with the speed mechanisms named in `without` (`MECHANISMS`) turned off."""
     if name == "swin-tiny":
         from transformers import SwinConfig, SwinForImageClassification
 
         return SwinForImageClassification(SwinConfig(image_size=image_size, num_labels=num_labels))
-    from focal_hf import FocalForImageClassification, official_config
+    from focal_hf import FocalForImageClassification, modeling_focal, official_config
 
-    return FocalForImageClassification(official_config(name, image_size=image_size, num_labels=num_labels))
+    if "cpu-chunking" in without:
+        modeling_focal.CPU_CHUNK_BYTES = sys.maxsize
+    config = official_config(name, image_size=image_size, num_labels=num_labels)
+    if "cpu-attention-op" in without:
+        config._attn_implementation = "sdpa"
+    return FocalForImageClassification(config)
 
 
 def _rss_bytes() -> int:
@@ -156,7 +167,7 @@ def worker(specs: list[dict], device: str, dtype: str, iterations: int, warmup: 
     for index, spec in enumerate(specs):
         key = (spec["model"], spec["image_size"])
         if key not in built:
-            built = {key: build_model(*key)}
+            built = {key: build_model(*key, without=tuple(spec.get("without", ())))}
         used_again = any((later["model"], later["image_size"]) == key for later in specs[index + 1 :])
         model = copy.deepcopy(built[key]) if used_again else built.pop(key)
         try:
@@ -211,7 +222,14 @@ def rows(args) -> list[tuple[str, bool]]:
 def jobs(args, round_index: int) -> list[list[dict]]:
     """The measurements of one round, grouped by process: one each on CPU, one model's all together on CUDA."""
     specs = [
-        {"round": round_index + 1, "model": name, "compiled": compiled, "image_size": size, "mode": mode}
+        {
+            "round": round_index + 1,
+            "model": name,
+            "compiled": compiled,
+            "image_size": size,
+            "mode": mode,
+            "without": args.without,
+        }
         for size in args.image_sizes
         for mode in args.modes
         for name, compiled in rows(args)
@@ -294,6 +312,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="MODEL",
         help=f"also measure these models under torch.compile at the first image size (no names: {COMPILED_BY_DEFAULT})",
     )
+    parser.add_argument(
+        "--without",
+        nargs="+",
+        default=[],
+        choices=sorted(MECHANISMS),
+        help="turn off these speed mechanisms of the Focal models: "
+        + "; ".join(f"{name}: {what}" for name, what in MECHANISMS.items()),
+    )
     parser.add_argument("--json", help="write the raw results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -331,6 +357,7 @@ def main(argv=None):
         f"{args.device} ({device_name}), {precision}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}; medians of {args.rounds} interleaved round(s) of {args.iterations} timed steps "
         f"after {args.warmup} warm-up; images/s and peak MiB (ratio to {REFERENCE} at the same size)"
+        + (f"; Focal models without {', '.join(args.without)}" if args.without else "")
     )
     results, failures = [], []
 
