@@ -36,7 +36,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_focal import FocalBlockGeometry, FocalConfig, pooled_window_size
 
-# The official code masks with -100 (not -inf): across shifted-window regions and on pooled tokens outside the map.
+# The official code masks across shifted-window regions with -100 (not -inf).
 MASK_VALUE = -100.0
 # Without autograd on CPU, a block processes as many images at a time as keep its MLP's hidden activations within
 # this many bytes.
