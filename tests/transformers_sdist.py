@@ -44,8 +44,8 @@ def _download_and_extract(version: str, target: Path) -> None:
             raise RuntimeError(
                 f"transformers' common model tests come from the transformers {version} source distribution on "
                 f"PyPI, and downloading it failed: `{' '.join(command)}` exited with status {result.returncode}.\n"
-                f"{result.stdout[-2000:]}{result.stderr[-2000:]}\nThese tests need PyPI (or a pip index that has the "
-                f"sdist); alternatively put its `tests/*.py` into {target / PACKAGE}/ by hand."
+                f"{result.stderr[-3000:]}\nThese tests need PyPI, or a pip index that has the sdist, once per "
+                f"transformers version."
             )
         package = staging / "tree" / PACKAGE
         package.mkdir(parents=True)
