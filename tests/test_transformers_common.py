@@ -252,7 +252,7 @@ class FocalModelTest(common.modeling.ModelTesterMixin, unittest.TestCase):
 
     def test_hidden_states_output_with_padding(self):
         config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
-        config.patch_size = 3  # 32 px: 10 patches per side, and windows padded at every stage
+        config.patch_size = 3  # 32 px: 10 patches per side, windows of 4 padded in the first two stages (10, 5 tokens)
         image_size = (self.model_tester.image_size, self.model_tester.image_size)
         for model_class in self.all_model_classes:
             inputs_dict["output_hidden_states"] = True
