@@ -10,6 +10,22 @@ FIXTURES = Path(__file__).parent / "fixtures"
 PARITY_CASES = ["v1_fc_224", "v1_useconv_224", "v2_useconv_224", "v1_shift_mean_64", "v1_shift_conv_80"]
 
 
+# pytest marks of transformers' common tests (test_transformers_common.py), declared in transformers' own conftest
+TRANSFORMERS_MARKS = (
+    "accelerate_tests",
+    "flash_attn_test",
+    "flash_attn_3_test",
+    "flash_attn_4_test",
+    "slow",
+    "torch_compile_test",
+)
+
+
+def pytest_configure(config):
+    for mark in TRANSFORMERS_MARKS:
+        config.addinivalue_line("markers", f"{mark}: a mark of transformers' common tests")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

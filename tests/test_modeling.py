@@ -179,7 +179,14 @@ def test_save_and_load_round_trip(tmp_path, attention_type):
             torch.testing.assert_close(reloaded(pixel_values).logits, expected, rtol=0, atol=0)
     # the base model and the backbone load the classification weights
     base = AutoModel.from_pretrained(tmp_path)
-    backbone = FocalBackbone.from_pretrained(tmp_path, out_features=["stage2", "stage4"])
+    backbone, loading_info = FocalBackbone.from_pretrained(
+        tmp_path, out_features=["stage2", "stage4"], output_loading_info=True
+    )
+    # as for Swin's backbone: the per-stage norms are reported as missing (newly initialised), the classifier and the
+    # final norm are not used
+    norms = {f"hidden_states_norms.{stage}.{name}" for stage in ("stage2", "stage4") for name in ("weight", "bias")}
+    assert set(loading_info["missing_keys"]) == norms
+    assert not loading_info["unexpected_keys"] and not loading_info["mismatched_keys"]
     for name, tensor in base.state_dict().items():
         torch.testing.assert_close(tensor, model.focal.state_dict()[name], rtol=0, atol=0)
     for name, tensor in backbone.focal.state_dict().items():

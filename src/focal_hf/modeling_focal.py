@@ -1280,8 +1280,8 @@ class FocalForImageClassification(FocalPreTrainedModel):
     """
 )
 class FocalBackbone(BackboneMixin, FocalPreTrainedModel):
-    _keys_to_ignore_on_load_missing = [r"hidden_states_norms\."]
-    # a classification folder's head and final norm have no place here
+    # a classification folder's head and final norm have no place here; its missing per-stage `hidden_states_norms`
+    # are reported as newly initialised, as for Swin's backbone
     _keys_to_ignore_on_load_unexpected = [r"classifier\.", r"focal\.layernorm\."]
 
     def __init__(self, config: FocalConfig):
