@@ -14,8 +14,6 @@ attention function of transformers' `AttentionInterface`: `"focal_sdpa"` (the de
 `"sdpa"`, `"eager"` or any registered one.
 """
 
-from __future__ import annotations
-
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -488,14 +486,18 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs: Unpack[TransformersKwargs],
 ):
-    """Plain attention with an additive float bias, as the official code computes it."""
+    """Plain attention with an additive float bias, as the official code computes it, on the windows folded into the
+    head dimension (`fold_windows`). The weights are returned as `(batch_size * num_windows, num_heads,
+    window_area, num_keys)` (a view, and the tensor the output is computed from)."""
     attn_weights = torch.matmul(query * scaling, key.transpose(-2, -1))
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
     attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
-    return attn_output, attn_weights
+    batch_size, folded = attn_weights.shape[:2]
+    attn_weights = attn_weights.view(-1, module.num_heads, *attn_weights.shape[2:])
+    attn_output = torch.matmul(attn_weights.view(batch_size, folded, *attn_weights.shape[2:]), value)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
 def fold_windows(
@@ -505,29 +507,28 @@ def fold_windows(
 
     query `(batch_size, num_windows * window_area, dim)` (window by window), key_value `(batch_size, num_tokens,
     2 * dim)` (the keys' and values' source), key_index `(num_windows, num_keys)`, bias `(num_windows, num_heads,
-    window_area, num_keys)` -> query `(batch_size, num_heads * num_windows, window_area, head_dim)`, key and value
-    `(batch_size, num_heads * num_windows, num_keys, head_dim)` and the bias `(1, num_heads * num_windows,
-    window_area, num_keys)`, which broadcasts over the batch (one copy whatever the batch size).
+    window_area, num_keys)` -> query `(batch_size, num_windows * num_heads, window_area, head_dim)`, key and value
+    `(batch_size, num_windows * num_heads, num_keys, head_dim)` and the bias `(1, num_windows * num_heads,
+    window_area, num_keys)`, which broadcasts over the batch (one copy whatever the batch size). Window-major, so
+    that `(batch_size, num_windows * num_heads, ...)` is `(batch_size * num_windows, num_heads, ...)` as well.
     """
-    batch_size, num_tokens, double_dim = key_value.shape
+    batch_size = key_value.shape[0]
     num_windows, num_keys = key_index.shape
-    head_dim = double_dim // (2 * num_heads)
-    query = query.view(batch_size, num_windows, -1, num_heads, head_dim).permute(0, 3, 1, 2, 4)
-    query = copy_as(query, batch_size, num_heads * num_windows, -1, head_dim)
-    # head-major source, then one gather of each head's rows: the gathered keys need no further copy
-    source = copy_as(key_value.view(batch_size, num_tokens, 2, num_heads, head_dim).permute(2, 0, 3, 1, 4), -1)
-    source = source.view(2, batch_size, num_heads, num_tokens, head_dim)
-    key, value = source.index_select(3, key_index.flatten()).view(2, batch_size, -1, num_keys, head_dim).unbind(0)
-    bias = copy_as(bias.transpose(0, 1), 1, num_heads * num_windows, bias.shape[2], num_keys)
-    return query, key, value, bias
+    head_dim = key_value.shape[-1] // (2 * num_heads)
+    query = query.view(batch_size, num_windows, -1, num_heads, head_dim).transpose(2, 3)
+    query = copy_as(query, batch_size, num_windows * num_heads, -1, head_dim)
+    gathered = key_value.index_select(1, key_index.flatten())  # one gather of whole rows
+    gathered = gathered.view(batch_size, num_windows, num_keys, 2, num_heads, head_dim).permute(3, 0, 1, 4, 2, 5)
+    key, value = copy_as(gathered, 2, batch_size, num_windows * num_heads, num_keys, head_dim).unbind(0)
+    return query, key, value, bias.view(1, num_windows * num_heads, *bias.shape[2:])
 
 
 def unfold_windows(attn_output: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """An attention interface's output `(batch_size, window_area, num_heads * num_windows, head_dim)` (for the
+    """An attention interface's output `(batch_size, window_area, num_windows * num_heads, head_dim)` (for the
     inputs of `fold_windows`) -> `(batch_size, num_windows * window_area, dim)`."""
     batch_size, window_area, folded, head_dim = attn_output.shape
-    attn_output = attn_output.view(batch_size, window_area, num_heads, folded // num_heads, head_dim)
-    return copy_as(attn_output.permute(0, 3, 1, 2, 4), batch_size, -1, num_heads * head_dim)
+    attn_output = attn_output.view(batch_size, window_area, folded // num_heads, num_heads, head_dim)
+    return copy_as(attn_output.transpose(1, 2), batch_size, -1, num_heads * head_dim)
 
 
 def split_heads(
@@ -819,8 +820,9 @@ class FocalAttentionBase(nn.Module):
         attn_output, attn_weights = attention_interface(
             self, query, key, value, bias, dropout=dropout, scaling=self.scaling, **kwargs
         )
-        if attn_weights is not None:  # (batch_size, num_heads * num_windows, ...) -> (batch_size * num_windows, ...)
-            attn_weights = attn_weights.unflatten(1, (self.num_heads, -1)).transpose(1, 2).flatten(0, 1)
+        if attn_weights is not None and attn_weights.shape[1] != self.num_heads:  # (eager_attention_forward's are)
+            # (batch_size, num_windows * num_heads, ...) -> (batch_size * num_windows, num_heads, ...)
+            attn_weights = attn_weights.view(-1, self.num_heads, *attn_weights.shape[2:])
         return unfold_windows(attn_output, self.num_heads), attn_weights
 
 
@@ -913,7 +915,7 @@ class FocalFastSelfAttention(FocalAttentionBase):
         window_size**2, num_real_keys)`."""
         coords = layout.coords.to(self.relative_position_mlps[0][0].weight.dtype)
         bias = [mlp(coords).t()[:, index] for mlp, index in zip(self.relative_position_mlps, layout.coord_index)]
-        return torch.cat(bias, dim=-1).transpose(0, 1)
+        return torch.cat(bias, dim=-1).transpose(0, 1).clone(memory_format=torch.contiguous_format)
 
 
 FOCAL_ATTENTION_CLASSES = {"focal": FocalSelfAttention, "focal_fast": FocalFastSelfAttention}
