@@ -4,6 +4,7 @@ attention types with shifted windows. The common test modules come from the sdis
 (see transformers_sdist.py); the tests skipped here are the ones Swin's tester skips, for its reasons."""
 
 import contextlib
+import tempfile
 import unittest
 from unittest import mock
 
@@ -14,6 +15,7 @@ from transformers.testing_utils import torch_device
 from transformers_sdist import common_tests
 
 from focal_hf import FocalBackbone, FocalConfig, FocalForImageClassification, FocalModel
+from focal_hf.modeling_focal import FocalAttentionBase
 
 common = common_tests()
 floats_tensor, ids_tensor = common.modeling.floats_tensor, common.modeling.ids_tensor
@@ -154,6 +156,21 @@ class FocalModelTest(common.modeling.ModelTesterMixin, unittest.TestCase):
 
     def test_for_image_classification(self):
         self.model_tester.create_and_check_for_image_classification(*self.model_tester.prepare_config_and_inputs())
+
+    def test_sdpa_can_dispatch_non_composite_models(self):
+        # Focal's version of the common test: the default is Focal's own named attention, "focal_sdpa" (the common
+        # test expects transformers' "sdpa" there); "sdpa" and "eager" load as requested, in every attention layer
+        for model_class in self.all_model_classes:
+            config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+            with tempfile.TemporaryDirectory() as folder:
+                model_class(config).save_pretrained(folder)
+                for requested, expected in ((None, "focal_sdpa"), ("sdpa", "sdpa"), ("eager", "eager")):
+                    kwargs = {"attn_implementation": requested} if requested else {}
+                    model = model_class.from_pretrained(folder, **kwargs)
+                    self.assertEqual(model.config._attn_implementation, expected)
+                    layers = [module for module in model.modules() if isinstance(module, FocalAttentionBase)]
+                    self.assertTrue(layers)
+                    self.assertTrue(all(layer.config._attn_implementation == expected for layer in layers))
 
     @unittest.skip(reason="Focal does not use inputs_embeds")
     def test_inputs_embeds(self):
