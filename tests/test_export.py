@@ -1,0 +1,150 @@
+"""Deployment at any input size: `torch.export` with symbolic height and width (one program for every side of at
+least 32 px), ONNX run in onnxruntime, `torch.compile(dynamic=True, fullgraph=True)` as one graph, and accelerate's
+disk offload (`device_map="auto"`). Tiny four-stage models with shifted windows, both attention types; the models,
+exported programs and compiled models are built once per module and attention type (tracing is the slow part)."""
+
+import onnxruntime
+import pytest
+import torch
+from conftest import tiny_config
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch.export import Dim
+
+from focal_hf import FocalForImageClassification, official_config
+
+ATTENTIONS = ["focal", "focal_fast"]
+# a four-stage model's total stride: the smallest side it accepts, and the lower bound of every exported size
+MIN_SIDE = 32
+# (height, width): the configured size, larger and non-square (stage 2 and 3 padded to whole windows), odd sides
+# (the stem floors them) and the smallest sides (stage 3 is a single token)
+SIZES = [(64, 64), (96, 128), (161, 99), (32, 40)]
+
+
+def symbolic_sizes():
+    """`dynamic_shapes` for `pixel_values`: any batch size, any height and width of at least `MIN_SIDE`."""
+    return {"pixel_values": {0: Dim("batch"), 2: Dim("height", min=MIN_SIDE), 3: Dim("width", min=MIN_SIDE)}}
+
+
+def eager_logits(model, pixel_values):
+    with torch.no_grad():
+        return model(pixel_values).logits
+
+
+@pytest.fixture(scope="module", params=ATTENTIONS)
+def model(request):
+    """A tiny model (stages of 16x16, 8x8, 4x4 and 2x2 tokens at its 64 px; two blocks in the first two stages, the
+    second shifted and expanded) with the default attention implementation."""
+    torch.manual_seed(0)
+    config = tiny_config(attention_type=request.param, focal_topk=12, depths=[2, 2, 1, 1], use_shift=True)
+    assert config.block_geometry(0, 1).shift_size and config.block_geometry(1, 1).shift_size
+    return FocalForImageClassification(config).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(model):
+    with torch.no_grad():
+        return torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=symbolic_sizes())
+
+
+# ---------------------------------------------------------------------------------------------- torch.export
+def test_exported_program_serves_every_size(model, exported):
+    run = exported.module()
+    for batch_size, (height, width) in zip([2, 1, 3, 2], SIZES):
+        pixel_values = torch.randn(batch_size, 3, height, width)
+        with torch.no_grad():
+            logits = run(pixel_values).logits
+        torch.testing.assert_close(logits, eager_logits(model, pixel_values), rtol=0, atol=1e-4)
+
+
+def test_exported_program_states_its_minimum_size(exported):
+    run = exported.module()
+    for height, width in [(MIN_SIDE - 1, 64), (64, MIN_SIDE - 1)]:
+        # torch's input check: "Guard failed: pixel_values.size()[2] >= 32"
+        with pytest.raises((AssertionError, RuntimeError), match=rf"pixel_values.*>= {MIN_SIDE}"):
+            run(torch.randn(1, 3, height, width))
+
+
+def test_focal_tiny_exported_at_224_runs_at_other_sizes():
+    torch.manual_seed(0)
+    model = FocalForImageClassification(official_config("focal-tiny")).eval()
+    dynamic_shapes = {"pixel_values": {2: Dim("height", min=MIN_SIDE), 3: Dim("width", min=MIN_SIDE)}}
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.randn(1, 3, 224, 224),), dynamic_shapes=dynamic_shapes)
+    for size in [(224, 224), (320, 256)]:
+        pixel_values = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            logits = program.module()(pixel_values).logits
+        torch.testing.assert_close(logits, eager_logits(model, pixel_values), rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------ ONNX
+def test_onnx_export_runs_in_onnxruntime_at_every_size(model, tmp_path):
+    with torch.no_grad():
+        program = torch.onnx.export(
+            model,
+            (torch.randn(2, 3, 64, 64),),
+            dynamo=True,
+            input_names=["pixel_values"],
+            output_names=["logits"],
+            dynamic_shapes=symbolic_sizes(),
+            verbose=False,
+        )
+    # torch.onnx replaces sizes it cannot keep symbolic by the example's (a static graph) rather than failing
+    (graph_input,) = program.model_proto.graph.input
+    dims = graph_input.type.tensor_type.shape.dim
+    assert [bool(dims[axis].dim_param) for axis in range(4)] == [True, False, True, True], dims
+    program.save(tmp_path / "model.onnx")
+    session = onnxruntime.InferenceSession(tmp_path / "model.onnx", providers=["CPUExecutionProvider"])
+    for batch_size, (height, width) in zip([2, 1, 3, 2], SIZES):
+        pixel_values = torch.randn(batch_size, 3, height, width)
+        (logits, *_) = session.run(None, {"pixel_values": pixel_values.numpy()})
+        torch.testing.assert_close(torch.from_numpy(logits), eager_logits(model, pixel_values), rtol=0, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------- torch.compile
+def test_compile_dynamic_fullgraph_is_one_graph_for_every_size(model):
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    for call, (batch_size, (height, width)) in enumerate(zip([2, 3, 2, 2], SIZES)):
+        pixel_values = torch.randn(batch_size, 3, height, width)
+        # after the first call, a new size must reuse the graph: a recompilation raises, naming the failed guard
+        with torch._dynamo.config.patch(error_on_recompile=call > 0), torch.no_grad():
+            logits = compiled(pixel_values).logits
+        torch.testing.assert_close(logits, eager_logits(model, pixel_values), rtol=0, atol=1e-4)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((1, 3, MIN_SIDE - 1, 64), rf">= {MIN_SIDE} .*got \({MIN_SIDE - 1}, 64\)"),
+        ((1, 3, 64, MIN_SIDE - 1), rf">= {MIN_SIDE} .*got \(64, {MIN_SIDE - 1}\)"),
+        ((1, 4, 64, 64), r"\(batch_size, 3, height, width\).*got shape \(1, 4, 64, 64\)"),
+    ],
+)
+def test_compiled_model_raises_the_models_value_error(model, shape, message):
+    # a Python exception inside a `fullgraph=True` region is itself a graph break: torch reports it as
+    # `torch._dynamo.exc.Unsupported` ("Observed exception"), so the model's own error is what a default compile gives
+    torch._dynamo.reset()
+    compiled = torch.compile(model, dynamic=True)
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        compiled(torch.randn(shape))
+
+
+# ----------------------------------------------------------------------------------------------------- offload
+def test_disk_offload_gives_the_same_logits(model, tmp_path):
+    model.save_pretrained(tmp_path / "model")
+    model_bytes = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    offloaded = FocalForImageClassification.from_pretrained(
+        tmp_path / "model",
+        device_map="auto",
+        max_memory={"cpu": int(0.4 * model_bytes)},
+        offload_folder=tmp_path / "offload",
+    )
+    assert "disk" in offloaded.hf_device_map.values()
+    # offloaded weights stay on the meta device outside their module's forward
+    assert any(parameter.device.type == "meta" for parameter in offloaded.parameters())
+    for size in [(64, 64), (96, 80)]:
+        pixel_values = torch.randn(2, 3, *size)
+        torch.testing.assert_close(eager_logits(offloaded, pixel_values), eager_logits(model, pixel_values))
