@@ -1,7 +1,7 @@
 """Deployment at any input size: `torch.export` with symbolic height and width (one program for every side of at
 least 32 px), ONNX run in onnxruntime, `torch.compile(dynamic=True, fullgraph=True)` as one graph, and accelerate's
-disk offload (`device_map="auto"`). Tiny four-stage models with shifted windows, both attention types; the models,
-exported programs and compiled models are built once per module and attention type (tracing is the slow part)."""
+disk offload (`device_map="auto"`). Tiny four-stage models with shifted windows, both attention types; each model
+and its exported program (also the ONNX test's source) are built once per attention type: tracing is the slow part."""
 
 import onnxruntime
 import pytest
@@ -32,7 +32,7 @@ def eager_logits(model, pixel_values):
 @pytest.fixture(scope="module", params=ATTENTIONS)
 def model(request):
     """A tiny model (stages of 16x16, 8x8, 4x4 and 2x2 tokens at its 64 px; two blocks in the first two stages, the
-    second shifted and expanded) with the default attention implementation."""
+    second shifted) with the default attention implementation."""
     torch.manual_seed(0)
     config = tiny_config(attention_type=request.param, focal_topk=12, depths=[2, 2, 1, 1], use_shift=True)
     assert config.block_geometry(0, 1).shift_size and config.block_geometry(1, 1).shift_size
