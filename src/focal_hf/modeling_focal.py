@@ -14,6 +14,7 @@ attention function of transformers' `AttentionInterface`: `"focal_sdpa"` (the de
 `"sdpa"`, `"eager"` or any registered one.
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,8 +107,14 @@ class FocalImageClassifierOutput(ModelOutput):
 
 
 def known_zero(*sizes) -> bool:
-    """Whether every size is the int 0; a symbolic size (traced for any input size) never is."""
-    return all(isinstance(size, int) and size == 0 for size in sizes)
+    """Whether every size is 0 in eager mode; traced (for any input size), never: the test would fix the size."""
+    return not torch.compiler.is_compiling() and all(size == 0 for size in sizes)
+
+
+def floor_mod(values: torch.Tensor, divisor) -> torch.Tensor:
+    """`values % divisor` (Python's sign convention) written as `values - values // divisor * divisor`, which ONNX
+    exports for a symbolic divisor."""
+    return values - values // divisor * divisor
 
 
 def ceil_div(size, divisor: int):
@@ -118,7 +125,7 @@ def ceil_div(size, divisor: int):
 def grid_coordinates(height, width, device: torch.device | None = None) -> torch.Tensor:
     """Row-major coordinates `(2, height * width)` of a `height x width` grid."""
     index = torch.arange(height * width, device=device)  # (no meshgrid: its checks would fix symbolic sizes)
-    return torch.stack((index // width, index % width))
+    return torch.stack((index // width, floor_mod(index, width)))
 
 
 def exportable_at_any_size(forward: Callable) -> Callable:
@@ -270,8 +277,8 @@ def focal_key_layout(height, width, geometry: FocalBlockGeometry, device: torch.
     windows = grid_coordinates(grid_h, grid_w, device)  # 2, num_windows
 
     offsets = torch.tensor(fine_keys(geometry)[0], device=device)  # num_fine, 2
-    rows = (windows[0][:, None] * window_size + offsets[None, :, 0]) % padded_h
-    cols = (windows[1][:, None] * window_size + offsets[None, :, 1]) % padded_w
+    rows = floor_mod(windows[0][:, None] * window_size + offsets[None, :, 0], padded_h)
+    cols = floor_mod(windows[1][:, None] * window_size + offsets[None, :, 1], padded_w)
     key_index = [window_order(rows, cols, window_size, grid_w)]
     num_windows, num_fine = key_index[0].shape
     if geometry.shift_size > 0:
@@ -366,8 +373,16 @@ def focal_fast_key_layout(
 
 @functools.lru_cache(maxsize=256)
 def cached_key_layout(builder: Callable, args: tuple, device: torch.device):
+    """`builder(*args)`, built on the CPU (where `torch.topk` breaks distance ties as the official code's tables do,
+    on every device) and moved to `device`."""
     with torch.inference_mode(False):  # outlives the current mode: normal tensors, usable by autograd later
-        return builder(*args, device)
+        layout = builder(*args, torch.device("cpu"))
+        moved = {
+            field.name: [t.to(device) for t in value] if isinstance(value, list) else value.to(device)
+            for field in dataclasses.fields(layout)
+            for value in [getattr(layout, field.name)]
+        }
+        return type(layout)(**moved)
 
 
 def key_layout(builder: Callable, args: tuple, device: torch.device):
@@ -399,6 +414,28 @@ class FocalDropPath(nn.Module):
         return f"p={self.drop_prob}"
 
 
+class FocalPatchProjection(nn.Conv2d):
+    """The convolution of a patch embedding, called as a module (so offloading hooks load its weights):
+    `(batch_size, in_channels, height, width)` -> `(batch_size, height' * width', out_channels)`, `(height', width')`.
+    Non-overlapping patches (kernel = stride) are one matrix product: a oneDNN convolution reorders its weights on
+    every call. Like the convolution, it floors sizes that are not multiples of the stride."""
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        kernel_size, stride = self.kernel_size[0], self.stride[0]
+        if kernel_size != stride:
+            embeddings = super().forward(pixel_values)
+            height, width = embeddings.shape[-2:]
+            return copy_as(embeddings.permute(0, 2, 3, 1), len(embeddings), height * width, -1), (height, width)
+        batch_size, channels, height, width = pixel_values.shape
+        crop_h, crop_w = height - height // stride * stride, width - width // stride * stride
+        if not known_zero(crop_h, crop_w):
+            pixel_values = F.pad(pixel_values, (0, -crop_w, 0, -crop_h))
+        height, width = height // stride, width // stride
+        patches = pixel_values.view(batch_size, channels, height, stride, width, stride).permute(0, 2, 4, 1, 3, 5)
+        patches = copy_as(patches, batch_size, height * width, -1)
+        return F.linear(patches, self.weight.view(self.out_channels, -1), self.bias), (height, width)
+
+
 class FocalPatchEmbeddings(nn.Module):
     """The stem (`is_stem=True`) or a stage's downsampling layer:
     `(batch_size, in_channels, height, width)` -> `(batch_size, height' * width', out_channels)`, `(height', width')`.
@@ -418,28 +455,14 @@ class FocalPatchEmbeddings(nn.Module):
         # the official stem never pre-normalises, whatever `use_pre_norm` says
         has_pre_norm = config.use_pre_norm and not is_stem
         self.pre_norm = nn.GroupNorm(1, in_channels, eps=config.layer_norm_eps) if has_pre_norm else None
-        self.projection = nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=padding)
+        self.projection = FocalPatchProjection(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
         has_norm = config.patch_norm or not is_stem
         self.norm = nn.LayerNorm(out_channels, eps=config.layer_norm_eps) if has_norm else None
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if self.pre_norm is not None:
             pixel_values = self.pre_norm(pixel_values)
-        kernel_size, stride = self.projection.kernel_size[0], self.projection.stride[0]
-        if kernel_size == stride:  # non-overlapping patches: one matrix product (a oneDNN convolution reorders its
-            # weights on every call)
-            batch_size, channels, height, width = pixel_values.shape
-            crop_h, crop_w = height % stride, width % stride  # the convolution's floor
-            if not known_zero(crop_h, crop_w):
-                pixel_values = F.pad(pixel_values, (0, -crop_w, 0, -crop_h))
-            height, width = height // stride, width // stride
-            patches = pixel_values.view(batch_size, channels, height, stride, width, stride).permute(0, 2, 4, 1, 3, 5)
-            weight = self.projection.weight.view(self.projection.out_channels, -1)
-            embeddings = F.linear(copy_as(patches, batch_size, height * width, -1), weight, self.projection.bias)
-        else:
-            embeddings = self.projection(pixel_values)
-            height, width = embeddings.shape[-2:]
-            embeddings = copy_as(embeddings.permute(0, 2, 3, 1), len(embeddings), height * width, -1)
+        embeddings, (height, width) = self.projection(pixel_values)
         if self.norm is not None:
             embeddings = self.norm(embeddings)
         return embeddings, (height, width)
@@ -685,6 +708,15 @@ focal_sdpa_attention.gathers_keys = True
 AttentionInterface.register("focal_sdpa", focal_sdpa_attention)
 
 
+class FocalPoolingWeights(nn.Linear):
+    """`fc` pooling of one level: a learned weighted sum of each sub-window's tokens, shared by the channels,
+    `(batch_size, grid_h, size, grid_w, size, channels)` -> `(batch_size, grid_h, grid_w, channels)`."""
+
+    def forward(self, sub_windows: torch.Tensor) -> torch.Tensor:
+        size = sub_windows.shape[2]
+        return (sub_windows * self.weight.view(size, 1, size, 1)).sum((2, 4)) + self.bias
+
+
 class FocalWindowPooling(nn.Module):
     """Pools the (padded, shifted) map into one token per sub-window for each coarse focal level:
     `(batch_size, height, width, channels)` -> per level `(batch_size, grid_h * 2**level, grid_w * 2**level, channels)`.
@@ -701,7 +733,7 @@ class FocalWindowPooling(nn.Module):
         self.num_levels = geometry.num_pooled_levels
         sizes = [pooled_window_size(self.window_size, level) for level in range(self.num_levels)]
         if self.pool_method == "fc":
-            self.pool_layers = nn.ModuleList(nn.Linear(size * size, 1) for size in sizes)
+            self.pool_layers = nn.ModuleList(FocalPoolingWeights(size * size, 1) for size in sizes)
         elif self.pool_method == "conv":
             self.pool_layers = nn.ModuleList(nn.Conv2d(dim, dim, size, stride=size, groups=dim) for size in sizes)
         else:
@@ -718,9 +750,8 @@ class FocalWindowPooling(nn.Module):
             padding = (0, 0, -(trim_w // 2), trim_w // 2 - trim_w, -(trim_h // 2), trim_h // 2 - trim_h)
             hidden_states = F.pad(hidden_states, padding)
         if self.pool_method == "fc":  # a weighted sum of each sub-window's tokens
-            layer = self.pool_layers[level]
             sub_windows = hidden_states.view(batch_size, target_h // size, size, target_w // size, size, channels)
-            return (sub_windows * layer.weight.view(size, 1, size, 1)).sum((2, 4)) + layer.bias
+            return self.pool_layers[level](sub_windows)
         channels_first = hidden_states.permute(0, 3, 1, 2)
         if self.pool_method == "mean":
             pooled = F.avg_pool2d(channels_first, size)
@@ -732,6 +763,17 @@ class FocalWindowPooling(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
         return [self.pool_level(hidden_states, level) for level in range(self.num_levels)]
+
+
+class FocalQKVProjection(nn.Linear):
+    """The query/key/value projection (one weight, as the official `qkv`), called as a module: the queries of the
+    fine tokens `(batch_size, num_fine, dim)` and the keys and values of all tokens `(batch_size, num_tokens, 2 * dim)`
+    (the pooled tokens need no queries)."""
+
+    def forward(self, fine: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dim = self.in_features
+        bias = (None, None) if self.bias is None else (self.bias[:dim], self.bias[dim:])
+        return F.linear(fine, self.weight[:dim], bias[0]), F.linear(tokens, self.weight[dim:], bias[1])
 
 
 class FocalAttentionBase(nn.Module):
@@ -753,7 +795,7 @@ class FocalAttentionBase(nn.Module):
         self.scaling = config.qk_scale or self.head_dim**-0.5
         self.attention_dropout = config.attention_probs_dropout_prob
         self.is_causal = False
-        self.qkv = nn.Linear(dim, dim * 3, bias=config.qkv_bias)
+        self.qkv = FocalQKVProjection(dim, dim * 3, bias=config.qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -785,8 +827,7 @@ class FocalAttentionBase(nn.Module):
         # that each window gathers its keys and values from (`layout.key_index`)
         fine = window_partition(hidden_states, self.geometry.window_size)
         tokens = torch.cat([fine] + [pooled.flatten(1, 2) for pooled in pooled_states], dim=1)
-        query = F.linear(fine, self.qkv.weight[:dim], None if self.qkv.bias is None else self.qkv.bias[:dim])
-        key_value = F.linear(tokens, self.qkv.weight[dim:], None if self.qkv.bias is None else self.qkv.bias[dim:])
+        query, key_value = self.qkv(fine, tokens)
         bias = self.attention_bias(layout).to(query.dtype)
         attn_output, attn_weights = self.attend(query, key_value, layout.key_index, bias, **kwargs)
         attn_output = self.proj_dropout(self.proj(attn_output))
@@ -826,6 +867,16 @@ class FocalAttentionBase(nn.Module):
         return unfold_windows(attn_output, self.num_heads), attn_weights
 
 
+class FocalPooledBiasTables(nn.ParameterList):
+    """The relative position bias tables to each pooled level's neighbourhood, `(num_heads, num_positions)` each,
+    called as a module with each level's index: `[(num_heads, *index.shape), ...]`."""
+
+    __call__ = nn.Module.__call__  # (a plain ParameterList refuses to be called)
+
+    def forward(self, indices: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [table[:, index] for table, index in zip(self, indices, strict=True)]
+
+
 class FocalSelfAttention(FocalAttentionBase):
     """Focal self-attention (official `focal`): a window's own tokens, its expanded surroundings and a neighbourhood
     of pooled windows per coarse level, each with a learned relative position bias table."""
@@ -842,7 +893,7 @@ class FocalSelfAttention(FocalAttentionBase):
             )
         else:
             self.relative_position_bias_table_to_neighbors = None
-        self.relative_position_bias_table_to_windows = nn.ParameterList(
+        self.relative_position_bias_table_to_windows = FocalPooledBiasTables(
             nn.Parameter(torch.zeros(num_heads, (window_size + side - 1) ** 2)) for side in self._pooled_sides()
         )
         for name, index in self._index_buffers().items():
@@ -889,9 +940,9 @@ class FocalSelfAttention(FocalAttentionBase):
             fine.append(self.relative_position_bias_table_to_neighbors[0])
         fine = F.pad(torch.cat(fine, dim=-1), (0, 1), value=float("-inf"))[:, :, self.fine_key_slots]
         bias = [fine.logsumexp(-1) if fine.shape[-1] > 1 else fine[..., 0]]
-        for level, table in enumerate(self.relative_position_bias_table_to_windows):
-            index = getattr(self, f"relative_position_index_to_windows_{level}")
-            bias.append(table[:, index].view(self.num_heads, window_area, -1))
+        tables = self.relative_position_bias_table_to_windows
+        indices = [getattr(self, f"relative_position_index_to_windows_{level}") for level in range(len(tables))]
+        bias += [pooled.view(self.num_heads, window_area, -1) for pooled in tables(indices)]
         return torch.cat(bias, dim=-1)[None]
 
 
