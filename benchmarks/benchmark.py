@@ -59,6 +59,7 @@ DEFAULTS = {  # per device: modes, image sizes, rounds, timed iterations, warm-u
 MECHANISMS = {
     "cpu-attention-op": "the custom op of focal_sdpa on CPU (then: torch SDPA on the folded windows, as 'sdpa')",
     "cpu-chunking": "blocks taking a few images at a time on CPU without autograd",
+    "inference-bias-cache": "the attention bias kept between forward passes without autograd",
 }
 MODE_PATTERN = re.compile(r"^(infer|train)-([1-9][0-9]*)$")
 
@@ -92,6 +93,9 @@ def build_model(name: str, image_size: int = 224, num_labels: int = 1000, withou
 
     if "cpu-chunking" in without:
         modeling_focal.CPU_CHUNK_BYTES = sys.maxsize
+    if "inference-bias-cache" in without:
+        attention = modeling_focal.FocalAttentionBase
+        attention.cached_attention_bias = lambda self, layout, dtype: self.attention_bias(layout).to(dtype)
     config = official_config(name, image_size=image_size, num_labels=num_labels)
     if "cpu-attention-op" in without:
         config._attn_implementation = "sdpa"

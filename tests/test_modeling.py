@@ -348,6 +348,34 @@ def test_outputs_follow_in_place_parameter_changes_and_dtype():
     assert table.grad is not None and table.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("attention_type", ATTENTIONS)
+def test_inference_reuses_the_attention_bias_until_a_weight_changes(attention_type, monkeypatch):
+    model = make(FocalForImageClassification, attention_type)
+    calls = []
+    original = modeling_focal.FocalAttentionBase.attention_bias
+
+    def counted(self, layout):
+        calls.append(1)
+        return original(self, layout)
+
+    monkeypatch.setattr(modeling_focal.FocalAttentionBase, "attention_bias", counted)
+    pixel_values = torch.randn(2, 3, 64, 64)
+    num_blocks = sum(model.config.depths)
+    attention = model.focal.encoder.layers[0].blocks[0].attention
+    bias_weight = next(p for name, p in attention.named_parameters() if not name.startswith(("qkv.", "proj.")))
+    with torch.no_grad():
+        first = model(pixel_values).logits
+        assert len(calls) == num_blocks
+        attention.qkv.weight.add_(0.0)  # not a bias weight
+        torch.testing.assert_close(model(pixel_values).logits, first, atol=0, rtol=0)
+        assert len(calls) == num_blocks  # reused
+        bias_weight.add_(0.5)  # in place: that block's bias is computed afresh
+        model(pixel_values)
+        assert len(calls) == num_blocks + 1
+    model(pixel_values).logits.sum().backward()  # with autograd: always computed afresh
+    assert len(calls) == 2 * num_blocks + 1
+
+
 @pytest.mark.parametrize("attn_implementation", ["eager", "focal_sdpa"])
 def test_cpu_chunking_gives_the_same_outputs(monkeypatch, attn_implementation):
     # without autograd on CPU, blocks run a few images at a time (here, with a tiny budget, one)

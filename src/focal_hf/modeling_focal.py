@@ -798,6 +798,7 @@ class FocalAttentionBase(nn.Module):
         self.qkv = FocalQKVProjection(dim, dim * 3, bias=config.qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self._cached_bias = None  # (layout, dtype, position-bias parameter values, bias): cached_attention_bias
 
     def key_layout(self, height, width, device: torch.device):
         """The key layout on a `height x width` map (before padding to whole windows)."""
@@ -814,6 +815,29 @@ class FocalAttentionBase(nn.Module):
         bias = F.pad(bias, (0, layout.key_index.shape[1] - bias.shape[-1]))
         return bias + layout.key_mask[:, None].to(bias.dtype)
 
+    def cached_attention_bias(self, layout, dtype: torch.dtype) -> torch.Tensor:
+        """`attention_bias(layout)` in `dtype`. In eager mode without autograd (inference, also image chunk by image
+        chunk), the last one is kept and reused while the layout, the dtype and the values of the position-bias
+        parameters are the same: the parameters are compared with a copy (they are small, the bias is not), so an
+        in-place change of a weight is always seen."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.attention_bias(layout).to(dtype)
+        parameters = [p for name, p in self.named_parameters() if not name.startswith(("qkv.", "proj."))]
+        cached = self._cached_bias
+        if (
+            cached is not None
+            and cached[0] is layout
+            and cached[1] == dtype
+            and all(
+                p.shape == c.shape and p.device == c.device and torch.equal(p, c)
+                for p, c in zip(parameters, cached[2], strict=True)
+            )
+        ):
+            return cached[3]
+        bias = self.attention_bias(layout).to(dtype)
+        self._cached_bias = (layout, dtype, [parameter.detach().clone() for parameter in parameters], bias)
+        return bias
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -828,7 +852,7 @@ class FocalAttentionBase(nn.Module):
         fine = window_partition(hidden_states, self.geometry.window_size)
         tokens = torch.cat([fine] + [pooled.flatten(1, 2) for pooled in pooled_states], dim=1)
         query, key_value = self.qkv(fine, tokens)
-        bias = self.attention_bias(layout).to(query.dtype)
+        bias = self.cached_attention_bias(layout, query.dtype)
         attn_output, attn_weights = self.attend(query, key_value, layout.key_index, bias, **kwargs)
         attn_output = self.proj_dropout(self.proj(attn_output))
         return window_reverse(attn_output, self.geometry.window_size, height, width), attn_weights
