@@ -255,29 +255,23 @@ class FocalModelTest(common.modeling.ModelTesterMixin, unittest.TestCase):
         reshaped = reshaped_hidden_states[0].view(batch_size, num_channels, height * width).permute(0, 2, 1)
         self.assertListEqual(list(reshaped.shape[-2:]), [num_patches, self.model_tester.embed_dim])
 
-    def test_hidden_states_output(self):
-        config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
+    def _check_hidden_states_both_ways(self, config, inputs_dict):
+        """Hidden states asked for by argument, then by the config."""
         image_size = (self.model_tester.image_size, self.model_tester.image_size)
         for model_class in self.all_model_classes:
             inputs_dict["output_hidden_states"] = True
             self.check_hidden_states_output(inputs_dict, config, model_class, image_size)
-
-            # output_hidden_states also works from the config
             del inputs_dict["output_hidden_states"]
             config.output_hidden_states = True
             self.check_hidden_states_output(inputs_dict, config, model_class, image_size)
+
+    def test_hidden_states_output(self):
+        self._check_hidden_states_both_ways(*self.model_tester.prepare_config_and_inputs_for_common())
 
     def test_hidden_states_output_with_padding(self):
         config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
         config.patch_size = 3  # 32 px: 10 patches per side, windows of 4 padded in the first two stages (10, 5 tokens)
-        image_size = (self.model_tester.image_size, self.model_tester.image_size)
-        for model_class in self.all_model_classes:
-            inputs_dict["output_hidden_states"] = True
-            self.check_hidden_states_output(inputs_dict, config, model_class, image_size)
-
-            del inputs_dict["output_hidden_states"]
-            config.output_hidden_states = True
-            self.check_hidden_states_output(inputs_dict, config, model_class, image_size)
+        self._check_hidden_states_both_ways(config, inputs_dict)
 
 
 class FocalFastModelTest(FocalModelTest):
