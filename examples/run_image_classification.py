@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,15 +43,14 @@ from transformers import (
     HfArgumentParser,
     Trainer,
     TrainerCallback,
-    TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 import focal_hf
 from focal_hf import hub
 from focal_hf.folders import set_default_modes
 from focal_hf.image_processing_focal import to_8_bit
+from focal_hf.training import FocalTrainingArguments, prepare_output_dir
 
 logger = logging.getLogger(__name__)
 ACCURACY = str(Path(__file__).resolve().parent / "metrics" / "accuracy")
@@ -114,42 +112,6 @@ class ModelArguments:
         sources = [self.model_name_or_path, self.model_preset, self.config_name]
         if sum(source is not None for source in sources) != 1:
             raise ValueError("Give exactly one of --model_name_or_path, --model_preset and --config_name.")
-
-
-@dataclass
-class FocalTrainingArguments(TrainingArguments):
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Train into a non-empty --output_dir, deleting the earlier run's checkpoint-* folders."},
-    )
-
-
-def prepare_output_dir(training_args: FocalTrainingArguments) -> None:
-    """Refuse to train into a non-empty `--output_dir` unless resuming from it (`--resume_from_checkpoint`, where
-    `latest` picks its newest checkpoint) or `--overwrite_output_dir` is given, as transformers' examples did: the
-    new run would otherwise overwrite some files of the earlier one and leave its later checkpoints mixed in."""
-    output = Path(training_args.output_dir)
-    if training_args.resume_from_checkpoint == "latest":
-        last = get_last_checkpoint(output) if output.is_dir() else None
-        if last is None:
-            raise ValueError(f"--resume_from_checkpoint latest: there is no checkpoint-* folder in {output}.")
-        training_args.resume_from_checkpoint = last
-    if not training_args.do_train or training_args.resume_from_checkpoint is not None:
-        return
-    if not output.is_dir() or not any(output.iterdir()):
-        return
-    if not training_args.overwrite_output_dir:
-        names = sorted(path.name for path in output.iterdir())
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        raise ValueError(
-            f"--output_dir {output} is not empty (it holds {shown}): "
-            f"pass --resume_from_checkpoint latest to continue that run, --overwrite_output_dir to train anew into "
-            f"it (its checkpoints are deleted), or another --output_dir."
-        )
-    if training_args.process_index == 0:
-        for checkpoint in sorted(output.glob("checkpoint-*")):
-            logger.warning(f"--overwrite_output_dir: deleting {checkpoint} of the earlier run.")
-            shutil.rmtree(checkpoint)
 
 
 def check_class_folders(folder: str) -> None:
@@ -437,8 +399,7 @@ def main(args: list[str] | None = None) -> dict:
     if training_args.push_to_hub:  # before any work: a valid repo id, a write token, a reachable Hub
         repo_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
         training_args.hub_model_id = hub.check_push_access(repo_id, training_args.hub_token)
-    with training_args.main_process_first(desc="checking --output_dir"):
-        prepare_output_dir(training_args)
+    prepare_output_dir(training_args)
 
     dataset = load_data(data_args, model_args.cache_dir, model_args.token)
     labels = dataset["train"].features[data_args.label_column_name].names

@@ -26,7 +26,9 @@ maps to `--eval_size` (default: the crop size) and reports mean IoU, mean and ov
 `evaluate`'s `mean_iou` definition (dataset-wide intersections and unions), accumulated batch by batch: no Hub
 access and no per-pixel buffers.
 The output folder (model, config, image processor) loads with `pipeline("image-segmentation", model=folder)` or
-`UperNetForSemanticSegmentation.from_pretrained(folder)` once `focal_hf` is imported.
+`UperNetForSemanticSegmentation.from_pretrained(folder)` once `focal_hf` is imported. A non-empty `--output_dir` is
+refused unless the run continues it (`--resume_from_checkpoint latest` or a checkpoint path) or
+`--overwrite_output_dir` trains anew into it (as in `run_image_classification.py`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ from transformers import (
     HfArgumentParser,
     Trainer,
     TrainerCallback,
-    TrainingArguments,
     UperNetConfig,
     UperNetForSemanticSegmentation,
     set_seed,
@@ -59,6 +60,8 @@ from transformers.models.segformer.image_processing_pil_segformer import Segform
 
 import focal_hf
 from focal_hf.dense import ALL_STAGES, enable_gradient_checkpointing, focal_backbone_config, load_backbone_weights
+from focal_hf.folders import set_default_modes
+from focal_hf.training import FocalTrainingArguments, prepare_output_dir
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = 255
@@ -525,7 +528,7 @@ def predicted_classes(logits, labels):
 # --------------------------------------------------------------------------------------------------- main
 def main(args: list[str] | None = None) -> dict:
     """Run the example; returns the final metrics."""
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, FocalTrainingArguments))
     if args is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
     else:
@@ -545,6 +548,7 @@ def main(args: list[str] | None = None) -> dict:
         raise ValueError(
             "UperNet's BatchNorm layers cannot train on single images: use --per_device_train_batch_size 2 or more."
         )
+    prepare_output_dir(training_args)
     dataset, label_column = load_data(data_args, model_args.cache_dir)
     id2label = load_id2label(data_args)
     model, image_processor = load_model(model_args, data_args, id2label)
@@ -599,6 +603,8 @@ def main(args: list[str] | None = None) -> dict:
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
+        if trainer.is_world_process_zero():
+            set_default_modes(training_args.output_dir)  # safetensors writes 0600 files
         metrics.update(result.metrics)
     if training_args.do_eval:
         eval_metrics = trainer.evaluate()

@@ -4,7 +4,9 @@ semantic-segmentation example (training on a generated data set, mean IoU, a fol
 
 import importlib.util
 import json
+import os
 import random
+import stat
 import sys
 from pathlib import Path
 
@@ -411,3 +413,64 @@ def test_segmentation_example_trains_and_saves_a_pipeline_folder(tmp_path):
     trained = json.loads((output / "config.json").read_text())
     assert trained["backbone_config"]["model_type"] == "focal"
     assert len(trained["backbone_config"].get("id2label", {})) <= 2  # not the classifier's 7 labels
+
+
+def test_segmentation_example_refuses_a_used_output_dir_unless_resuming_or_overwriting(tmp_path):
+    """As the classification Trainer example: a non-empty --output_dir is refused (nothing touched) unless the run
+    resumes from it or --overwrite_output_dir is given, and the weights are written 0666 less the umask."""
+    example = load_example()
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        (tmp_path / split / "images").mkdir(parents=True)
+        (tmp_path / split / "masks").mkdir()
+        for index in range(count):
+            image, annotation = scene(rng, 40, 48)
+            image.save(tmp_path / split / "images" / f"{index}.png")
+            annotation.save(tmp_path / split / "masks" / f"{index}.png")
+    classification_folder(tmp_path / "converted", randomize=False)
+    output = tmp_path / "out"
+
+    def train(*extra, output=output):
+        return example.main(
+            [
+                "--model_name_or_path", str(tmp_path / "converted"),
+                "--train_dir", str(tmp_path / "train"),
+                "--validation_dir", str(tmp_path / "val"),
+                "--reduce_labels", "--num_labels", "3",
+                "--upernet_hidden_size", "16", "--auxiliary_channels", "8",
+                "--crop_size", "32", "--base_size", "40",
+                "--output_dir", str(output),
+                "--do_train", "--per_device_train_batch_size", "2",
+                "--save_strategy", "steps", "--save_steps", "1",
+                "--report_to", "none", "--seed", "0",
+                "--dataloader_num_workers", "0", "--dataloader_pin_memory", "false",
+                *extra,
+            ]
+        )  # fmt: skip
+
+    previous_umask = os.umask(0o027)  # neither the common 022 nor safetensors' private 0600
+    try:
+        train("--max_steps", "2")
+    finally:
+        os.umask(previous_umask)
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    for weights in (output / "model.safetensors", output / "checkpoint-2" / "model.safetensors"):
+        assert stat.S_IMODE(weights.stat().st_mode) == 0o640, weights
+    before = (output / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="is not empty .*--resume_from_checkpoint latest.*--overwrite_output_dir"):
+        train("--max_steps", "1")
+    assert (output / "model.safetensors").read_bytes() == before  # nothing touched
+
+    # resuming the newest checkpoint continues that run
+    train("--max_steps", "3", "--resume_from_checkpoint", "latest")
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and [e["step"] for e in state["log_history"] if "train_loss" in e] == [3]
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+    # --overwrite_output_dir trains anew: none of the earlier run's checkpoints is left mixed in
+    train("--max_steps", "1", "--overwrite_output_dir")
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 1
+
+    with pytest.raises(ValueError, match="no checkpoint-\\* folder in"):
+        train("--max_steps", "1", "--resume_from_checkpoint", "latest", output=tmp_path / "new")
