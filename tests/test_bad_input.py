@@ -164,6 +164,28 @@ def test_16_bit_png_through_the_whole_processor(tmp_path):
     )
 
 
+def test_16_bit_png_through_the_pipeline_as_the_readme_says(tmp_path):
+    """transformers' pipeline converts paths and PIL images to RGB before the processor (clipping 16-bit ones, a
+    limitation the README states); `to_8_bit` first gives the processor's result."""
+    from transformers import pipeline
+
+    Image.fromarray(RAMP).save(tmp_path / "ramp.png")
+    model = FocalForImageClassification(tiny_config(image_size=32)).eval()
+    processor = FocalImageProcessor.for_image_size(32)
+    classifier = pipeline("image-classification", model=model, image_processor=processor)
+    with torch.no_grad():
+        expected = torch.softmax(
+            model(processor(Image.open(tmp_path / "ramp.png"), return_tensors="pt").pixel_values).logits, -1
+        )
+    scores = {
+        how: {p["label"]: p["score"] for p in classifier(image, top_k=None)}
+        for how, image in [("8-bit", to_8_bit(Image.open(tmp_path / "ramp.png"))), ("path", str(tmp_path / "ramp.png"))]
+    }
+    expected = {model.config.id2label[i]: score for i, score in enumerate(expected[0].tolist())}
+    assert scores["8-bit"] == pytest.approx(expected, abs=1e-6)
+    assert scores["path"] != pytest.approx(expected, abs=1e-6)  # clipped to white by the pipeline's `load_image`
+
+
 @pytest.mark.parametrize(
     "array, message",
     [
