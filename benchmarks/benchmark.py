@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 MODELS = ["swin-tiny", "focal-tiny", "focal-fast-tiny", "focal-small", "focal-base"]
 REFERENCE = "swin-tiny"
@@ -84,22 +85,34 @@ def non_negative_int(text: str) -> int:
 
 def build_model(name: str, image_size: int = 224, num_labels: int = 1000, without: tuple[str, ...] = ()):
     """An ImageNet classifier with random weights: an official Focal architecture or transformers' Swin-T; Focal
-    models with the speed mechanisms named in `without` (`MECHANISMS`) turned off."""
+    models with the speed mechanisms named in `without` (`MECHANISMS`) turned off (`turn_off`)."""
     if name == "swin-tiny":
         from transformers import SwinConfig, SwinForImageClassification
 
         return SwinForImageClassification(SwinConfig(image_size=image_size, num_labels=num_labels))
-    from focal_hf import FocalForImageClassification, modeling_focal, official_config
+    from focal_hf import FocalForImageClassification, official_config
 
-    if "cpu-chunking" in without:
-        modeling_focal.CPU_CHUNK_BYTES = sys.maxsize
-    if "inference-bias-cache" in without:
-        attention = modeling_focal.FocalAttentionBase
-        attention.cached_attention_bias = lambda self, layout, dtype: self.attention_bias(layout).to(dtype)
-    config = official_config(name, image_size=image_size, num_labels=num_labels)
+    model = FocalForImageClassification(official_config(name, image_size=image_size, num_labels=num_labels))
+    return turn_off(model, without)
+
+
+def turn_off(model, without: tuple[str, ...]):
+    """`model` (a Focal model) with the speed mechanisms named in `without` turned off on this instance only (other
+    models of the process keep them)."""
+    from focal_hf import modeling_focal
+
     if "cpu-attention-op" in without:
-        config._attn_implementation = "sdpa"
-    return FocalForImageClassification(config)
+        model.set_attn_implementation("sdpa")
+    for module in model.modules():
+        if "cpu-chunking" in without and isinstance(module, modeling_focal.FocalLayer):
+            module.forward = module.block  # (the chunking lives in `forward`)
+        if "inference-bias-cache" in without and isinstance(module, modeling_focal.FocalAttentionBase):
+            module.cached_attention_bias = types.MethodType(_uncached_attention_bias, module)
+    return model
+
+
+def _uncached_attention_bias(self, layout, dtype):
+    return self.attention_bias(layout).to(dtype)
 
 
 def _rss_bytes() -> int:

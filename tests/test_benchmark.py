@@ -1,5 +1,6 @@
 """The benchmark script: its refusal without a GPU, its argument checks, and one minimal CPU run end to end."""
 
+import copy
 import json
 import os
 import subprocess
@@ -137,3 +138,41 @@ def test_table_shows_ratios_to_swin_at_the_same_size_and_out_of_memory(benchmark
         ["swin-tiny", "50.00 (1.00x)", "250.00 (1.00x)", "16000 (1.00x)"],
         ["focal-tiny", "40.00 (0.80x)", "OOM", "OOM"],
     ]
+
+
+def test_mechanisms_are_turned_off_per_instance_without_changing_outputs(benchmark):
+    import torch
+
+    from focal_hf import modeling_focal
+
+    torch.manual_seed(0)
+    with_them = benchmark.build_model("focal-tiny", 64, num_labels=10).eval()
+    without = benchmark.turn_off(copy.deepcopy(with_them), tuple(benchmark.MECHANISMS))
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(without(pixel_values).logits, with_them(pixel_values).logits, rtol=0, atol=1e-5)
+    assert with_them.config._attn_implementation == "focal_sdpa" and without.config._attn_implementation == "sdpa"
+    for model, turned_off in ((with_them, False), (without, True)):
+        layers = [m for m in model.modules() if isinstance(m, modeling_focal.FocalLayer)]
+        attentions = [m for m in model.modules() if isinstance(m, modeling_focal.FocalAttentionBase)]
+        assert all(("forward" in vars(layer)) == turned_off for layer in layers)
+        assert all((attention._cached_bias is None) == turned_off for attention in attentions)
+
+
+def test_ablation_run_end_to_end():
+    script = SCRIPT.parent / "ablation.py"
+    pythonpath = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+    args = ["--without", "inference-bias-cache", "--modes", "infer-1", "train-2", "--image-size", "64", "--steps", "2"]
+    result = subprocess.run(
+        [sys.executable, str(script), *args, "--warmup", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("focal-tiny, 64 px, cpu (2 threads)") and "without inference-bias-cache" in lines[0]
+    rows = [[cell.strip() for cell in line.split("|")] for line in lines[2:]]
+    assert [row[0] for row in rows] == ["infer-1", "train-2"]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith(")") for row in rows)

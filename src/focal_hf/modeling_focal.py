@@ -415,25 +415,14 @@ class FocalDropPath(nn.Module):
 
 
 class FocalPatchProjection(nn.Conv2d):
-    """The convolution of a patch embedding, called as a module (so offloading hooks load its weights):
-    `(batch_size, in_channels, height, width)` -> `(batch_size, height' * width', out_channels)`, `(height', width')`.
-    Non-overlapping patches (kernel = stride) are one matrix product: a oneDNN convolution reorders its weights on
-    every call. Like the convolution, it floors sizes that are not multiples of the stride."""
+    """The convolution of a patch embedding, called as a module (so offloading hooks load its weights), with its
+    output as tokens: `(batch_size, in_channels, height, width)` -> `(batch_size, height' * width', out_channels)`,
+    `(height', width')`."""
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        kernel_size, stride = self.kernel_size[0], self.stride[0]
-        if kernel_size != stride:
-            embeddings = super().forward(pixel_values)
-            height, width = embeddings.shape[-2:]
-            return copy_as(embeddings.permute(0, 2, 3, 1), len(embeddings), height * width, -1), (height, width)
-        batch_size, channels, height, width = pixel_values.shape
-        crop_h, crop_w = height - height // stride * stride, width - width // stride * stride
-        if not known_zero(crop_h, crop_w):
-            pixel_values = F.pad(pixel_values, (0, -crop_w, 0, -crop_h))
-        height, width = height // stride, width // stride
-        patches = pixel_values.view(batch_size, channels, height, stride, width, stride).permute(0, 2, 4, 1, 3, 5)
-        patches = copy_as(patches, batch_size, height * width, -1)
-        return F.linear(patches, self.weight.view(self.out_channels, -1), self.bias), (height, width)
+        embeddings = super().forward(pixel_values)
+        batch_size, channels, height, width = embeddings.shape
+        return copy_as(embeddings.permute(0, 2, 3, 1), batch_size, height * width, channels), (height, width)
 
 
 class FocalPatchEmbeddings(nn.Module):
