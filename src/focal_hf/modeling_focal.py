@@ -500,16 +500,20 @@ def eager_attention_forward(
 ):
     """Plain attention with an additive float bias, as the official code computes it, on the windows folded into the
     head dimension (`fold_windows`). The weights are returned as `(batch_size * num_windows, num_heads,
-    window_area, num_keys)` (a view, and the tensor the output is computed from)."""
+    window_area, num_keys)`, the tensor the output is computed from."""
     attn_weights = torch.matmul(query * scaling, key.transpose(-2, -1))
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
     attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    batch_size, folded = attn_weights.shape[:2]
-    attn_weights = attn_weights.view(-1, module.num_heads, *attn_weights.shape[2:])
-    attn_output = torch.matmul(attn_weights.view(batch_size, folded, *attn_weights.shape[2:]), value)
-    return attn_output.transpose(1, 2).contiguous(), attn_weights
+    batch_size, folded, window_area, num_keys = attn_weights.shape
+    num_heads = module.num_heads
+    # (batch_size, num_heads * num_windows, ...) -> (batch_size * num_windows, num_heads, ...)
+    heads_first = attn_weights.view(batch_size, num_heads, -1, window_area, num_keys)
+    attn_weights = copy_as(heads_first.transpose(1, 2), -1, num_heads, window_area, num_keys)
+    heads_first = attn_weights.view(batch_size, -1, num_heads, window_area, num_keys).transpose(1, 2)
+    attn_output = torch.matmul(heads_first, value.view(batch_size, num_heads, -1, num_keys, value.shape[-1]))
+    return attn_output.view(batch_size, folded, window_area, -1).transpose(1, 2).contiguous(), attn_weights
 
 
 def fold_windows(
@@ -519,28 +523,33 @@ def fold_windows(
 
     query `(batch_size, num_windows * window_area, dim)` (window by window), key_value `(batch_size, num_tokens,
     2 * dim)` (the keys' and values' source), key_index `(num_windows, num_keys)`, bias `(num_windows, num_heads,
-    window_area, num_keys)` -> query `(batch_size, num_windows * num_heads, window_area, head_dim)`, key and value
-    `(batch_size, num_windows * num_heads, num_keys, head_dim)` and the bias `(1, num_windows * num_heads,
-    window_area, num_keys)`, which broadcasts over the batch (one copy whatever the batch size). Window-major, so
-    that `(batch_size, num_windows * num_heads, ...)` is `(batch_size * num_windows, num_heads, ...)` as well.
+    window_area, num_keys)` -> query `(batch_size, num_heads * num_windows, window_area, head_dim)`, key and value
+    `(batch_size, num_heads * num_windows, num_keys, head_dim)` and the bias `(1, num_heads * num_windows,
+    window_area, num_keys)`, which broadcasts over the batch (one copy whatever the batch size). Head-major: the
+    source is laid out head by head first (a copy of the tokens), so that the keys and values are gathered straight
+    into their places, and their gradients flow back through the gather alone, never through a copy of the gathered
+    keys (which are several times the tokens).
     """
-    batch_size = key_value.shape[0]
+    batch_size, num_tokens = key_value.shape[:2]
     num_windows, num_keys = key_index.shape
     head_dim = key_value.shape[-1] // (2 * num_heads)
-    query = query.view(batch_size, num_windows, -1, num_heads, head_dim).transpose(2, 3)
-    query = copy_as(query, batch_size, num_windows * num_heads, -1, head_dim)
-    gathered = key_value.index_select(1, key_index.flatten())  # one gather of whole rows
-    gathered = gathered.view(batch_size, num_windows, num_keys, 2, num_heads, head_dim).permute(3, 0, 1, 4, 2, 5)
-    key, value = copy_as(gathered, 2, batch_size, num_windows * num_heads, num_keys, head_dim).unbind(0)
-    return query, key, value, bias.view(1, num_windows * num_heads, *bias.shape[2:])
+    query = query.view(batch_size, -1, num_heads, head_dim).transpose(1, 2)
+    query = copy_as(query, batch_size, num_heads * num_windows, -1, head_dim)
+    source = key_value.view(batch_size, num_tokens, 2, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    key, value = (
+        rows.index_select(2, key_index.flatten()).view(batch_size, num_heads * num_windows, num_keys, head_dim)
+        for rows in copy_as(source, 2, batch_size, num_heads, num_tokens, head_dim).unbind(0)
+    )
+    bias = copy_as(bias.transpose(0, 1), 1, num_heads * num_windows, *bias.shape[2:])
+    return query, key, value, bias
 
 
 def unfold_windows(attn_output: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """An attention interface's output `(batch_size, window_area, num_windows * num_heads, head_dim)` (for the
+    """An attention interface's output `(batch_size, window_area, num_heads * num_windows, head_dim)` (for the
     inputs of `fold_windows`) -> `(batch_size, num_windows * window_area, dim)`."""
     batch_size, window_area, folded, head_dim = attn_output.shape
-    attn_output = attn_output.view(batch_size, window_area, folded // num_heads, num_heads, head_dim)
-    return copy_as(attn_output.transpose(1, 2), batch_size, -1, num_heads * head_dim)
+    attn_output = attn_output.view(batch_size, window_area, num_heads, folded // num_heads, head_dim)
+    return copy_as(attn_output.permute(0, 3, 1, 2, 4), batch_size, -1, num_heads * head_dim)
 
 
 def split_heads(
@@ -874,9 +883,11 @@ class FocalAttentionBase(nn.Module):
         attn_output, attn_weights = attention_interface(
             self, query, key, value, bias, dropout=dropout, scaling=self.scaling, **kwargs
         )
-        if attn_weights is not None and attn_weights.shape[1] != self.num_heads:  # (eager_attention_forward's are)
-            # (batch_size, num_windows * num_heads, ...) -> (batch_size * num_windows, num_heads, ...)
-            attn_weights = attn_weights.view(-1, self.num_heads, *attn_weights.shape[2:])
+        if attn_weights is not None and attn_weights.shape[1] != self.num_heads:  # (not eager_attention_forward's)
+            # an interface's weights of the folded windows (batch_size, num_heads * num_windows, ...) ->
+            # (batch_size * num_windows, num_heads, ...)
+            folded = attn_weights.view(len(attn_weights), self.num_heads, -1, *attn_weights.shape[2:])
+            attn_weights = folded.transpose(1, 2).flatten(0, 1)
         return unfold_windows(attn_output, self.num_heads), attn_weights
 
 
