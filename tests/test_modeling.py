@@ -376,6 +376,41 @@ def test_inference_reuses_the_attention_bias_until_a_weight_changes(attention_ty
     assert len(calls) == 2 * num_blocks + 1
 
 
+@pytest.mark.parametrize("attention_type", ATTENTIONS)
+def test_no_host_synchronisation_off_the_cpu(attention_type):
+    # on a GPU, an operator that hands a value to Python (torch.equal, .item(), bool(tensor)) waits for the device;
+    # the meta device stands in for one here: inference and training dispatch none (the bias cache is CPU-only)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    to_host = {"aten::equal", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::allclose"}
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    model = make(FocalForImageClassification, attention_type, use_shift=True)
+    pixel_values, labels = torch.randn(2, 3, 64, 96), torch.tensor([0, 1])
+    on_cpu = Record()
+    with torch.no_grad(), on_cpu:
+        model(pixel_values)
+        model(pixel_values)
+    assert "aten::equal" in on_cpu.seen  # on CPU the bias cache compares weights (the check below can fail)
+    model.to("meta")
+    off_cpu = Record()
+    with off_cpu:
+        with torch.no_grad():
+            model(pixel_values.to("meta"))
+            logits = model(pixel_values.to("meta")).logits
+        model.train()(pixel_values.to("meta"), labels=labels.to("meta")).loss.backward()
+    assert logits.shape == (2, model.config.num_labels) and len(off_cpu.seen) > 100
+    assert to_host.isdisjoint(off_cpu.seen), sorted(to_host.intersection(off_cpu.seen))
+
+
 @pytest.mark.parametrize("attn_implementation", ["eager", "focal_sdpa"])
 def test_cpu_chunking_gives_the_same_outputs(monkeypatch, attn_implementation):
     # without autograd on CPU, blocks run a few images at a time (here, with a tiny budget, one)

@@ -814,11 +814,13 @@ class FocalAttentionBase(nn.Module):
         return bias + layout.key_mask[:, None].to(bias.dtype)
 
     def cached_attention_bias(self, layout, dtype: torch.dtype) -> torch.Tensor:
-        """`attention_bias(layout)` in `dtype`. In eager mode without autograd (inference, also image chunk by image
-        chunk), the last one is kept and reused while the layout, the dtype and the values of the position-bias
-        parameters are the same: the parameters are compared with a copy (they are small, the bias is not), so an
-        in-place change of a weight is always seen."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        """`attention_bias(layout)` in `dtype`. On CPU in eager mode without autograd (inference, also image chunk
+        by image chunk), the last one is kept and reused while the layout, the dtype and the values of the
+        position-bias parameters are the same: the parameters are compared with a copy (they are small, the bias is
+        not), so an in-place change of a weight is always seen. Not on other devices: there each comparison would
+        wait for the device (a host synchronisation per block), which costs more than the few small kernels that
+        compute the bias."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or layout.key_index.device.type != "cpu":
             return self.attention_bias(layout).to(dtype)
         parameters = [p for name, p in self.named_parameters() if not name.startswith(("qkv.", "proj."))]
         cached = self._cached_bias
