@@ -84,3 +84,42 @@ def test_focal_tiny_on_gpu_equals_cpu():
         cpu = model(pixel_values).logits
         gpu = model.cuda()(pixel_values.cuda()).logits.cpu()
     torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=0)
+
+
+def test_training_keeps_no_gathered_keys_on_gpu(monkeypatch):
+    # what a bf16 training step holds after its forward pass, with the gathered keys and values gathered again in
+    # the backward pass (the default) and kept (the hooks replaced by a no-op): the difference is the gathered keys
+    import contextlib
+
+    from focal_hf import modeling_focal
+
+    torch.manual_seed(0)
+    model = FocalForImageClassification(official_config("focal-tiny")).cuda().train()
+    pixel_values = torch.randn(16, 3, 224, 224, device="cuda")
+    labels = torch.zeros(16, dtype=torch.long, device="cuda")
+    gathered = []
+
+    def held_after_forward():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(pixel_values, labels=labels).loss
+        held = torch.cuda.memory_allocated() - before
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return held
+
+    original = modeling_focal.gather_keys
+
+    def recording(key_value, key_index, num_heads):
+        key, value = original(key_value, key_index, num_heads)
+        gathered.append(key.numel() * key.element_size() + value.numel() * value.element_size())
+        return key, value
+
+    monkeypatch.setattr(modeling_focal, "gather_keys", recording)
+    regathered = held_after_forward()
+    forward_gathers = len(gathered) // 2  # (each block gathers once forward, once backward)
+    gathered_bytes = sum(gathered[:forward_gathers])
+    monkeypatch.setattr(modeling_focal, "RegatheredKeys", lambda *args: contextlib.nullcontext())
+    kept = held_after_forward()
+    assert kept - regathered >= 0.9 * gathered_bytes, (kept, regathered, gathered_bytes)

@@ -176,3 +176,80 @@ def test_ablation_run_end_to_end():
     rows = [[cell.strip() for cell in line.split("|")] for line in lines[2:]]
     assert [row[0] for row in rows] == ["infer-1", "train-2"]
     assert all(float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith(")") for row in rows)
+
+
+@pytest.fixture
+def gpu_memory():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_memory
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return gpu_memory
+
+
+def test_autocast_emulation_casts_as_cuda_autocast(gpu_memory):
+    import torch
+    import torch.nn.functional as F
+
+    def meta(*shape):
+        return torch.randn(*shape, device="meta")
+
+    inputs = meta(2, 8)
+    with gpu_memory.Autocast():
+        projected = F.linear(inputs, meta(8, 8))
+        assert projected.dtype == torch.bfloat16  # matrix products and convolutions: bf16
+        assert (projected @ projected.T).dtype == torch.matmul(inputs, inputs.T).dtype == torch.bfloat16
+        assert F.conv2d(meta(1, 3, 8, 8), meta(4, 3, 3, 3)).dtype == torch.bfloat16
+        assert F.layer_norm(projected, (8,)).dtype == torch.float32  # normalisation, softmax, losses: float32
+        assert F.softmax(projected, -1, dtype=torch.bfloat16).dtype == torch.float32
+        assert F.cross_entropy(projected, torch.zeros(2, dtype=torch.long, device="meta")).dtype == torch.float32
+        assert (projected + inputs).dtype == torch.float32  # the rest: type promotion
+        assert torch.relu(projected).dtype == torch.bfloat16
+
+
+def test_gpu_memory_estimate_runs_the_gpu_kernel_in_bf16(gpu_memory):
+    import torch
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "efficient_attention" in func.name():
+                self.calls.append((func.name(), args[1 if "backward" in func.name() else 0].dtype))
+            return func(*args, **(kwargs or {}))
+
+    sdpa = F.scaled_dot_product_attention
+    with Record() as record:
+        peak = gpu_memory.estimate("focal-tiny", 2, 64)
+    assert F.scaled_dot_product_attention is sdpa  # put back
+    blocks = 12  # Focal-T: 2 + 2 + 6 + 2, two steps (the first creates the optimizer state)
+    assert record.calls.count(("aten::_scaled_dot_product_efficient_attention", torch.bfloat16)) == 2 * blocks
+    assert record.calls.count(("aten::_scaled_dot_product_efficient_attention_backward", torch.bfloat16)) == 2 * blocks
+    assert len(record.calls) == 4 * blocks
+    assert 0 < peak < 2**30
+
+
+def test_gpu_memory_run_end_to_end():
+    pythonpath = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+    args = ["--models", "focal-tiny", "--batch-size", "1", "--image-sizes", "224", "256"]
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "gpu_memory.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("estimated peak memory of a bf16 training step on a CUDA GPU, batch 1")
+    assert lines[1] == "| model | 224 px | 256 px |"
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines[3:]]
+    assert [row[0] for row in rows] == ["swin-tiny", "focal-tiny"]
+    assert rows[0][1:] == [rows[0][1].split()[0] + " (1.00x)", rows[0][2].split()[0] + " (1.00x)"]
+    focal = [float(cell.split()[0].replace(",", "")) for cell in rows[1][1:]]
+    assert focal[1] > focal[0] > 0  # more pixels, more memory

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from transformers import (
+    AttentionInterface,
     AutoBackbone,
     AutoConfig,
     AutoModel,
@@ -21,7 +22,13 @@ from focal_hf import (
     modeling_focal,
     official_config,
 )
-from focal_hf.modeling_focal import cached_key_layout, fine_keys, focal_key_layout, neighbor_slots
+from focal_hf.modeling_focal import (
+    cached_key_layout,
+    fine_keys,
+    focal_key_layout,
+    folded_sdpa_attention,
+    neighbor_slots,
+)
 
 ATTENTIONS = ["focal", "focal_fast"]
 # non-square, not multiples of 32 or of the window, down to the 32 px minimum
@@ -261,16 +268,30 @@ def test_sdpa_equals_eager(attention_type, overrides, attn_implementation):
         torch.testing.assert_close(sdpa_grads[name], eager_grads[name], atol=1e-5, rtol=1e-4)
 
 
+def focal_sdpa_off_the_cpu(module, query, key_value, key_index, attention_mask, scaling, dropout=0.0, **kwargs):
+    """`focal_sdpa` as it runs on a GPU (`folded_sdpa_attention`), here on the CPU."""
+    num_heads = attention_mask.shape[1]
+    return folded_sdpa_attention(query, key_value, key_index, attention_mask, num_heads, scaling, dropout), None
+
+
+focal_sdpa_off_the_cpu.gathers_keys = True
+AttentionInterface.register("focal_sdpa_off_the_cpu", focal_sdpa_off_the_cpu)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("size", [(64, 64), (80, 48)])
+@pytest.mark.parametrize("size, checkpointing", [((64, 64), False), ((80, 48), False), ((80, 48), True)])
 @pytest.mark.parametrize("attention_type", ATTENTIONS)
-def test_folded_attention_equals_eager_with_shift(attention_type, size, dtype):
+def test_folded_attention_equals_eager_with_shift(attention_type, size, checkpointing, dtype):
     # the path of every non-CPU device: one attention call with the windows folded into the heads and one bias
-    # broadcast over the batch (here forced through transformers' "sdpa" interface)
+    # broadcast over the batch, the folding recomputed in the backward pass (also inside gradient checkpointing)
     overrides = dict(use_shift=True, depths=[2, 2, 2, 1])
     eager = make(FocalForImageClassification, attention_type, attn_implementation="eager", **overrides).train()
-    folded = make(FocalForImageClassification, attention_type, attn_implementation="sdpa", **overrides).train()
-    folded.load_state_dict(eager.state_dict())
+    folded = make(
+        FocalForImageClassification, attention_type, attn_implementation="focal_sdpa_off_the_cpu", **overrides
+    )
+    folded.train().load_state_dict(eager.state_dict())
+    if checkpointing:
+        folded.gradient_checkpointing_enable()
     eager, folded = eager.to(dtype), folded.to(dtype)
     pixel_values, labels = torch.randn(2, 3, *size, dtype=dtype), torch.tensor([0, 4])
     results = []
@@ -292,6 +313,79 @@ def test_folded_attention_equals_eager_with_shift(attention_type, size, dtype):
         else:  # bfloat16: rounding differs between the paths; the gradients point the same way
             cosine = torch.nn.functional.cosine_similarity(folded_grads[name].flatten(), grads[name].flatten(), dim=0)
             assert cosine > 0.99 or grads[name].abs().max() < 1e-6, name
+
+
+def test_folded_attention_keeps_no_gathered_keys_for_the_backward_pass():
+    # what a training step holds between its forward and backward passes: the gathered keys and values are not
+    # kept (their source, the projection's output, is), yet the gradients are the same. (A bias without gradient,
+    # so that PyTorch's fused CPU kernel runs, which keeps its inputs as they are, like the GPU kernels; the bias
+    # gradient on a GPU is in benchmarks/test_gpu.py, the memory of a GPU training step in benchmarks/gpu_memory.py.)
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from focal_hf.modeling_focal import fold_windows, unfold_windows
+
+    torch.manual_seed(0)
+    batch_size, num_windows, num_keys, num_tokens, num_heads, head_dim = 4, 16, 64, 900, 2, 16
+    key_index = torch.randint(0, num_tokens, (num_windows, num_keys))
+    query = torch.randn(batch_size, num_windows * 49, num_heads * head_dim, requires_grad=True)
+    key_value = torch.randn(batch_size, num_tokens, 2 * num_heads * head_dim, requires_grad=True)
+    bias = torch.randn(num_windows, num_heads, 49, num_keys)
+
+    def kept_keys(query, key_value, key_index, bias, num_heads, scaling):
+        query, key, value, bias = fold_windows(query, key_value, key_index, bias, num_heads)
+        output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling)
+        return unfold_windows(output.transpose(1, 2), num_heads)
+
+    held, gradients = [], []
+    for attention in (kept_keys, folded_sdpa_attention):
+        tracker = MemTracker()
+        with tracker:
+            output = attention(query, key_value, key_index, bias, num_heads, 0.25)
+            held.append(tracker.get_tracker_snapshot("current")[torch.device("cpu")]["Total"])
+        gradients.append(torch.autograd.grad(output, (query, key_value), torch.ones_like(output)))
+    for regathered, kept in zip(gradients[1], gradients[0], strict=True):
+        torch.testing.assert_close(regathered, kept, atol=1e-5, rtol=1e-5)
+    gathered = 2 * batch_size * num_heads * num_windows * num_keys * head_dim * 4  # keys and values, float32
+    assert held[0] - held[1] == gathered, (held, gathered)
+    # a source changed in place after the forward pass is refused, as autograd refuses its own saved tensors
+    source = key_value * 1
+    output = folded_sdpa_attention(query, source, key_index, bias, num_heads, 0.25)
+    with torch.no_grad():
+        source.add_(1)
+    with pytest.raises(RuntimeError, match="modified in place after the forward pass"):
+        output.sum().backward()
+
+
+def test_compiled_folded_attention_keeps_no_gathered_keys_for_the_backward_pass():
+    # under torch.compile the same by selective activation checkpointing: the tensors the compiled forward pass
+    # hands to the backward pass are the inputs and the kernel's outputs, not the gathered keys and values
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch.manual_seed(0)
+    batch_size, num_windows, num_keys, num_tokens, num_heads, head_dim = 2, 4, 32, 300, 2, 8
+    key_index = torch.randint(0, num_tokens, (num_windows, num_keys))
+    query = torch.randn(batch_size, num_windows * 49, num_heads * head_dim, requires_grad=True)
+    key_value = torch.randn(batch_size, num_tokens, 2 * num_heads * head_dim, requires_grad=True)
+    bias = torch.randn(num_windows, num_heads, 49, num_keys)
+    handed_over = []
+
+    def forward_compiler(graph_module, example_inputs):
+        outputs = next(node for node in graph_module.graph.nodes if node.op == "output").args[0]
+        handed_over.extend(tuple(node.meta["val"].shape) for node in outputs[1:])
+        return graph_module
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda graph_module, example_inputs: graph_module)
+    compiled = torch.compile(folded_sdpa_attention, backend=backend, fullgraph=True)
+    output = compiled(query, key_value, key_index, bias, num_heads, 0.25)
+    gradients = torch.autograd.grad(output.sum(), (query, key_value))
+    expected = torch.autograd.grad(
+        folded_sdpa_attention(query, key_value, key_index, bias, num_heads, 0.25).sum(), (query, key_value)
+    )
+    for ours, reference in zip(gradients, expected, strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    assert tuple(query.shape) in handed_over and tuple(key_value.shape) in handed_over, handed_over
+    assert (batch_size, num_heads * num_windows, num_keys, head_dim) not in handed_over, handed_over
 
 
 def test_bias_handed_to_the_attention_kernel_does_not_grow_with_the_batch():
