@@ -388,6 +388,28 @@ def test_compiled_folded_attention_keeps_no_gathered_keys_for_the_backward_pass(
     assert (batch_size, num_heads * num_windows, num_keys, head_dim) not in handed_over, handed_over
 
 
+def test_attention_weights_of_a_registered_function_are_unfolded():
+    # a function registered with AttentionInterface that returns its weights in the folded layout it was called
+    # with, (batch, heads * windows, queries, keys): the model hands them out as the eager ones,
+    # (batch * windows, heads, queries, keys)
+    def folded_weights_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        weights = torch.softmax(query @ key.transpose(-1, -2) * scaling + attention_mask, dim=-1)
+        return (weights @ value).transpose(1, 2).contiguous(), weights
+
+    AttentionInterface.register("folded_weights_attention", folded_weights_attention)
+    eager = make(FocalModel, attn_implementation="eager", use_shift=True)
+    registered = make(FocalModel, attn_implementation="folded_weights_attention", use_shift=True)
+    registered.load_state_dict(eager.state_dict())
+    pixel_values = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected, ours = (model(pixel_values, output_attentions=True) for model in (eager, registered))
+    torch.testing.assert_close(ours.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=0)
+    assert len(ours.attentions) == len(expected.attentions) == 4
+    for weights, reference in zip(ours.attentions, expected.attentions, strict=True):
+        assert weights.shape == reference.shape
+        torch.testing.assert_close(weights, reference, atol=1e-6, rtol=0)
+
+
 def test_bias_handed_to_the_attention_kernel_does_not_grow_with_the_batch():
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

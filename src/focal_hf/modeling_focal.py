@@ -727,7 +727,7 @@ def folded_sdpa_attention(
     The gathered keys and values are several times the tokens. With autograd they are not kept for the backward
     pass: `key_value` is, and they are gathered again when the backward pass needs them (`RegatheredKeys`; under
     `torch.compile`, the same by selective activation checkpointing, `recompute_folding`). A bf16 training step of
-    Focal-T at batch 64 then holds 1.04x Swin-T's memory instead of 1.29x (`benchmarks/gpu_memory.py`)."""
+    Focal-T at batch 64 then holds an estimated 1.05x Swin-T's memory instead of 1.30x (`benchmarks/gpu_memory.py`)."""
     if torch.is_grad_enabled() and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return checkpoint(
             _folded_sdpa,
@@ -987,7 +987,7 @@ class FocalAttentionBase(nn.Module):
         if attn_weights is not None and attn_weights.shape[1] != self.num_heads:  # (not eager_attention_forward's)
             # an interface's weights of the folded windows (batch_size, num_heads * num_windows, ...) ->
             # (batch_size * num_windows, num_heads, ...)
-            folded = attn_weights.view(len(attn_weights), self.num_heads, -1, *attn_weights.shape[2:])
+            folded = attn_weights.view(attn_weights.shape[0], self.num_heads, -1, *attn_weights.shape[2:])
             attn_weights = folded.transpose(1, 2).flatten(0, 1)
         return unfold_windows(attn_output, self.num_heads), attn_weights
 
