@@ -5,10 +5,11 @@
 # 1. prints the machine's torch / CUDA / transformers, installs this project (editable, no dependencies: torch and
 #    transformers stay the machine's; a transformers wheel carried in .whl/ is installed first if there is one),
 # 2. runs the GPU correctness tests, benchmarks/test_gpu.py, if that file exists,
-# 3. runs the benchmark against Swin-T (bf16, 224 and 448 px, plus torch.compile at 224).
+# 3. profiles one bf16 training step of Focal-T (the top CUDA kernels, benchmarks/profile_gpu.py),
+# 4. runs the benchmark against Swin-T (bf16, 224 and 448 px, plus torch.compile at 224).
 # Everything ends within about 8 minutes: each step runs under `timeout`, the benchmark in what is left of the
-# budget; interrupted, it still prints the table of what it measured. Output: $OUT/test_gpu.txt, $OUT/bench.txt,
-# $OUT/bench.json ($OUT defaults to ./gpu-check-output). Exit status non-zero if any step failed.
+# budget; interrupted, it still prints the table of what it measured. Output: $OUT/test_gpu.txt, $OUT/profile.txt,
+# $OUT/bench.txt, $OUT/bench.json ($OUT defaults to ./gpu-check-output). Exit status non-zero if any step failed.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-$PWD/gpu-check-output}
@@ -44,6 +45,10 @@ if [ -f benchmarks/test_gpu.py ]; then
 else
     echo "benchmarks/test_gpu.py does not exist: skipped"
 fi
+
+echo "== where a Focal-T training step goes: benchmarks/profile_gpu.py"
+timeout -k 10 90 "$PYTHON" benchmarks/profile_gpu.py --models focal-tiny --rows 20 2>&1 | tee "$OUT/profile.txt" ||
+    status=1
 
 left=$((BUDGET_S - SECONDS))
 ((left < 60)) && left=60
