@@ -1,13 +1,16 @@
-"""What CPU speed mechanisms are worth, measured in one process: a Focal model with them and a copy without them
-(same weights; `benchmark.py`'s `--without` names), their steps interleaved (A B B A ...), so that the machine's
-drift and the heap's state affect both alike.
+"""What speed and memory mechanisms are worth, measured in one process: a Focal model with them and a copy without
+them (same weights; `benchmark.py`'s `--without` names), their steps interleaved (A B B A ...), so that the
+machine's drift and the heap's state affect both alike.
 
     python benchmarks/ablation.py --without inference-bias-cache            # Focal-T; infer-1, infer-8, train-8
     python benchmarks/ablation.py --model focal-fast-tiny --without cpu-chunking --modes infer-8 --steps 30
+    python benchmarks/ablation.py --device cuda --dtype bf16 --without regathered-keys --modes train-64
 
 For each mode it prints both speeds (medians) and the speed-up the mechanisms give: the median over step pairs of
 (time without) / (time with), with its interquartile range; a mechanism whose range lies above 1.03 is worth more
-than 3 %. Speed only: peak memory needs a process per measurement (`benchmark.py --without`).
+than 3 %. On CUDA (steps timed between synchronisations; precision as `benchmark.py --dtype`) it also prints each
+model's peak memory of a training step, over what it held before; on CPU peak memory needs a process per
+measurement (`benchmark.py --without`).
 """
 
 from __future__ import annotations
@@ -15,43 +18,38 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 
-from benchmark import MECHANISMS, MODELS, REFERENCE, build_model, mode_type, positive_int, turn_off
+from benchmark import DEFAULTS, MECHANISMS, MODELS, REFERENCE, build_model, make_step, mode_type, positive_int, turn_off
 
 
-def paired_steps(steps: dict, count: int) -> dict[str, list[float]]:
-    """Run the named step functions `count` times each, alternating their order (ABBA), and return their times."""
+def paired_steps(steps: dict, count: int, synchronize=None) -> dict[str, list[float]]:
+    """Run the named step functions `count` times each, alternating their order (ABBA), and return their times
+    (each between two calls of `synchronize`, if given: a device's queue drained)."""
     names = list(steps)
     times = {name: [] for name in names}
+    synchronize = synchronize or (lambda: None)
     for index in range(count):
         for name in names if index % 2 == 0 else reversed(names):
+            synchronize()
             begin = time.perf_counter()
             steps[name]()
+            synchronize()
             times[name].append(time.perf_counter() - begin)
     return times
 
 
-def make_step(model, training: bool, pixel_values, labels):
-    """One inference step (no autograd, eval mode) or training step (train mode, AdamW) of `model`."""
+def peak_memory(step) -> float:
+    """MiB that one more `step` on the CUDA device takes at its peak over what was allocated before it."""
     import torch
 
-    model.train(training)
-    if not training:
-
-        @torch.no_grad()
-        def infer():
-            model(pixel_values)
-
-        return infer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-
-    def step():
-        model(pixel_values, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -63,38 +61,51 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="focal-tiny", choices=[name for name in MODELS if name != REFERENCE])
     parser.add_argument("--without", nargs="+", required=True, choices=sorted(MECHANISMS))
-    parser.add_argument("--modes", nargs="+", type=mode_type, default=["infer-1", "infer-8", "train-8"])
+    parser.add_argument("--modes", nargs="+", type=mode_type, help="default: as benchmark.py on the device")
     parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="as benchmark.py's")
     parser.add_argument("--steps", type=positive_int, default=20, help="timed steps of each model per mode")
     parser.add_argument("--warmup", type=positive_int, default=2)
-    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads on CPU")
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps: expected at least 2 (the spread needs pairs)")
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"ablation.py: --device cuda, but torch {torch.__version__} sees no CUDA GPU here")
+    modes = args.modes or DEFAULTS[args.device]["modes"]
+    cuda = args.device == "cuda"
+    if not cuda:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with_them = build_model(args.model, args.image_size)
     models = {"with": with_them, "without": turn_off(copy.deepcopy(with_them), tuple(args.without))}
+    where = torch.cuda.get_device_name() if cuda else f"{args.threads} threads"
     print(
-        f"{args.model}, {args.image_size} px, cpu ({args.threads} threads), torch {torch.__version__}: with and "
-        f"without {', '.join(args.without)}; medians of {args.steps} interleaved steps each"
+        f"{args.model}, {args.image_size} px, {args.device} ({where}), {args.dtype}, torch {torch.__version__}: with "
+        f"and without {', '.join(args.without)}; medians of {args.steps} interleaved steps each"
     )
-    print("mode     | with (img/s) | without (img/s) | speed-up from them (IQR)")
-    for mode in args.modes:
-        kind, batch_size = mode.split("-")
-        batch_size = int(batch_size)
-        pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size)
-        labels = torch.randint(0, 1000, (batch_size,))
-        steps = {name: make_step(model, kind == "train", pixel_values, labels) for name, model in models.items()}
-        paired_steps(steps, args.warmup)
-        times = paired_steps(steps, args.steps)
+    memory_columns = " | peak MiB with | peak MiB without" if cuda else ""
+    print(f"mode     | with (img/s) | without (img/s) | speed-up from them (IQR){memory_columns}")
+    for mode in modes:
+        batch_size = int(mode.split("-")[1])
+        steps = {
+            name: make_step(model, mode, args.image_size, args.device, args.dtype) for name, model in models.items()
+        }
+        synchronize = torch.cuda.synchronize if cuda else None
+        paired_steps(steps, args.warmup, synchronize)
+        times = paired_steps(steps, args.steps, synchronize)
         speeds = {name: batch_size / statistics.median(values) for name, values in times.items()}
         first, median, third = quartiles([b / a for a, b in zip(times["with"], times["without"], strict=True)])
+        memory = ""
+        if cuda and mode.startswith("train"):
+            memory = f" | {peak_memory(steps['with']):13.0f} | {peak_memory(steps['without']):16.0f}"
         print(
-            f"{mode:8s} | {speeds['with']:12.2f} | {speeds['without']:15.2f} | {median:.3f}x ({first:.3f}-{third:.3f})",
+            f"{mode:8s} | {speeds['with']:12.2f} | {speeds['without']:15.2f} | {median:.3f}x ({first:.3f}-{third:.3f})"
+            + memory,
             flush=True,
         )
 

@@ -56,11 +56,12 @@ DEFAULTS = {  # per device: modes, image sizes, rounds, timed iterations, warm-u
         threads=None,
     ),
 }
-# speed mechanisms of the CPU path that `--without` turns off (to measure what each is worth)
+# speed and memory mechanisms that `--without` turns off (to measure what each is worth)
 MECHANISMS = {
     "cpu-attention-op": "the custom op of focal_sdpa on CPU (then: torch SDPA on the folded windows, as 'sdpa')",
     "cpu-chunking": "blocks taking a few images at a time on CPU without autograd",
     "inference-bias-cache": "the attention bias kept between forward passes without autograd (CPU only)",
+    "regathered-keys": "off the CPU, the gathered keys gathered again for the backward pass (then: kept)",
 }
 MODE_PATTERN = re.compile(r"^(infer|train)-([1-9][0-9]*)$")
 
@@ -85,7 +86,7 @@ def non_negative_int(text: str) -> int:
 
 def build_model(name: str, image_size: int = 224, num_labels: int = 1000, without: tuple[str, ...] = ()):
     """An ImageNet classifier with random weights: an official Focal architecture or transformers' Swin-T; Focal
-    models with the speed mechanisms named in `without` (`MECHANISMS`) turned off (`turn_off`)."""
+    models with the speed and memory mechanisms named in `without` (`MECHANISMS`) turned off (`turn_off`)."""
     if name == "swin-tiny":
         from transformers import SwinConfig, SwinForImageClassification
 
@@ -97,18 +98,43 @@ def build_model(name: str, image_size: int = 224, num_labels: int = 1000, withou
 
 
 def turn_off(model, without: tuple[str, ...]):
-    """`model` (a Focal model) with the speed mechanisms named in `without` turned off on this instance only (other
+    """`model` (a Focal model) with the speed and memory mechanisms named in `without` turned off on this instance only (other
     models of the process keep them)."""
     from focal_hf import modeling_focal
 
     if "cpu-attention-op" in without:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation("sdpa")  # (which keeps the gathered keys too)
+    elif "regathered-keys" in without:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register("focal_sdpa_keeping_keys", focal_sdpa_keeping_keys)
+        model.set_attn_implementation("focal_sdpa_keeping_keys")
     for module in model.modules():
         if "cpu-chunking" in without and isinstance(module, modeling_focal.FocalLayer):
             module.forward = module.block  # (the chunking lives in `forward`)
         if "inference-bias-cache" in without and isinstance(module, modeling_focal.FocalAttentionBase):
             module.cached_attention_bias = types.MethodType(_uncached_attention_bias, module)
     return model
+
+
+def focal_sdpa_keeping_keys(module, query, key_value, key_index, attention_mask, scaling, dropout=0.0, **kwargs):
+    """`focal_sdpa` that keeps the gathered keys and values for the backward pass off the CPU, as before they were
+    gathered again (`--without regathered-keys`)."""
+    import torch.nn.functional as F
+
+    from focal_hf import modeling_focal
+
+    if query.device.type == "cpu":
+        return modeling_focal.focal_sdpa_attention(
+            module, query, key_value, key_index, attention_mask, scaling, dropout, **kwargs
+        )
+    num_heads = attention_mask.shape[1]
+    query, key, value, bias = modeling_focal.fold_windows(query, key_value, key_index, attention_mask, num_heads)
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
+    return modeling_focal.unfold_windows(output.transpose(1, 2), num_heads), None
+
+
+focal_sdpa_keeping_keys.gathers_keys = True
 
 
 def _uncached_attention_bias(self, layout, dtype):
@@ -120,21 +146,22 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(model, spec: dict, device: str, dtype: str, iterations: int, warmup: int) -> dict:
-    """Time `model` (freshly built on the CPU) in one mode in this process: images/s and peak memory (MiB)."""
+def make_step(model, mode: str, image_size: int, device: str, dtype: str, compiled: bool = False):
+    """`model` (freshly built on the CPU) moved to `device`, and one step of `mode` for it: inference (no autograd,
+    eval mode; bf16 weights with `dtype` bf16) or a training step (train mode, AdamW, fused off the CPU; bf16
+    autocast with `dtype` bf16), on random images."""
     import torch
 
-    training = spec["mode"].startswith("train")
-    batch_size = int(spec["mode"].split("-")[1])
+    training = mode.startswith("train")
+    batch_size = int(mode.split("-")[1])
     half = dtype == "bf16"
     model = model.to(device).train(training)
     if half and not training:
         model = model.to(torch.bfloat16)
-    if spec["compiled"]:
+    if compiled:
         model = torch.compile(model, dynamic=False)
-    size = spec["image_size"]
     input_dtype = torch.bfloat16 if half and not training else torch.float32
-    pixel_values = torch.randn(batch_size, 3, size, size, device=device, dtype=input_dtype)
+    pixel_values = torch.randn(batch_size, 3, image_size, image_size, device=device, dtype=input_dtype)
     labels = torch.randint(0, 1000, (batch_size,), device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device != "cpu") if training else None
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=half)
@@ -150,6 +177,15 @@ def measure(model, spec: dict, device: str, dtype: str, iterations: int, warmup:
             with torch.no_grad():
                 model(pixel_values)
 
+    return step
+
+
+def measure(model, spec: dict, device: str, dtype: str, iterations: int, warmup: int) -> dict:
+    """Time `model` (freshly built on the CPU) in one mode in this process: images/s and peak memory (MiB)."""
+    import torch
+
+    batch_size = int(spec["mode"].split("-")[1])
+    step = make_step(model, spec["mode"], spec["image_size"], device, dtype, spec["compiled"])
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -334,7 +370,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=[],
         choices=sorted(MECHANISMS),
-        help="turn off these speed mechanisms of the Focal models: "
+        help="turn off these speed and memory mechanisms of the Focal models: "
         + "; ".join(f"{name}: {what}" for name, what in MECHANISMS.items()),
     )
     parser.add_argument("--json", help="write the raw results here")

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_memory.py                    # Swin-T, Focal-T/S/B, Focal-fast-T; batch 64; 224 and 448 px
     python benchmarks/gpu_memory.py --models swin-tiny focal-tiny --batch-size 32 --image-sizes 224
+    python benchmarks/gpu_memory.py --without regathered-keys       # the gathered keys kept for the backward pass
 
 Each model runs one training step as `benchmark.py --device cuda --dtype bf16` does (forward under bf16 autocast,
 backward, AdamW; after one step that creates the optimizer state) on PyTorch's meta device: tensors with shapes and
@@ -27,7 +28,7 @@ import json
 
 import torch
 import torch.nn.functional as F
-from benchmark import MODELS, REFERENCE, build_model, positive_int
+from benchmark import MECHANISMS, MODELS, REFERENCE, build_model, positive_int
 from torch.overrides import TorchFunctionMode
 
 LOW_PRECISION = {
@@ -105,10 +106,11 @@ def training_step_peak(model: torch.nn.Module, batch_size: int, image_size: int,
     return peak - sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def estimate(name: str, batch_size: int, image_size: int) -> int:
-    """`training_step_peak` of a `benchmark.py` model on the meta device, SDPA as on a CUDA GPU."""
+def estimate(name: str, batch_size: int, image_size: int, without: tuple[str, ...] = ()) -> int:
+    """`training_step_peak` of a `benchmark.py` model (Focal models without the mechanisms named in `without`) on
+    the meta device, SDPA as on a CUDA GPU."""
     with torch.device("meta"):
-        model = build_model(name, image_size)
+        model = build_model(name, image_size, without=without)
     sdpa = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = memory_efficient_sdpa
     try:
@@ -122,19 +124,31 @@ def main():
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--image-sizes", nargs="+", type=positive_int, default=[224, 448])
+    parser.add_argument(
+        "--without",
+        nargs="+",
+        default=[],
+        choices=sorted(MECHANISMS),
+        help="turn off these mechanisms of the Focal models (benchmark.py's; regathered-keys is the one for memory)",
+    )
     parser.add_argument("--json", help="also write the estimates (MiB) to this JSON file")
     args = parser.parse_args()
     models = [REFERENCE] + [name for name in args.models if name != REFERENCE]
     results = []
-    print(f"estimated peak memory of a bf16 training step on a CUDA GPU, batch {args.batch_size} (MiB, less weights)")
+    without = tuple(args.without)
+    print(
+        f"estimated peak memory of a bf16 training step on a CUDA GPU, batch {args.batch_size} (MiB, less weights)"
+        + (f"; Focal models without {', '.join(without)}" if without else "")
+    )
     print("| model | " + " | ".join(f"{size} px" for size in args.image_sizes) + " |")
     print("| --- |" + " --- |" * len(args.image_sizes))
     reference = {size: estimate(REFERENCE, args.batch_size, size) for size in args.image_sizes}
     for name in models:
         cells = []
         for size in args.image_sizes:
-            peak = reference[size] if name == REFERENCE else estimate(name, args.batch_size, size)
-            results.append({"model": name, "image_size": size, "batch_size": args.batch_size, "peak_mib": peak / 2**20})
+            peak = reference[size] if name == REFERENCE else estimate(name, args.batch_size, size, without)
+            result = {"model": name, "image_size": size, "batch_size": args.batch_size, "without": list(without)}
+            results.append({**result, "peak_mib": peak / 2**20})
             cells.append(f"{peak / 2**20:,.0f} ({peak / reference[size]:.2f}x)")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     if args.json:

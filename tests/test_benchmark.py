@@ -159,6 +159,47 @@ def test_mechanisms_are_turned_off_per_instance_without_changing_outputs(benchma
         assert all((attention._cached_bias is None) == turned_off for attention in attentions)
 
 
+def test_regathered_keys_turned_off_keep_the_gathered_keys_off_the_cpu(benchmark, gpu_memory):
+    import torch
+
+    torch.manual_seed(0)
+    with_them = benchmark.build_model("focal-tiny", 64, num_labels=10).eval()
+    without = benchmark.turn_off(copy.deepcopy(with_them), ("regathered-keys",))
+    assert without.config._attn_implementation == "focal_sdpa_keeping_keys"
+    assert with_them.config._attn_implementation == "focal_sdpa"
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():  # on CPU both run the CPU op
+        torch.testing.assert_close(without(pixel_values).logits, with_them(pixel_values).logits, rtol=0, atol=0)
+    # off the CPU (the meta device, SDPA as on a GPU) the copy keeps every block's gathered keys and values (bf16)
+    # where the model keeps their source, the projection's keys and values: that much more memory at the peak
+    batch_size, difference = 2, 0
+    model = benchmark.build_model("focal-tiny", 224)
+    for stage, layer in enumerate(model.focal.encoder.layers):
+        for block in layer.blocks:
+            attention = block.attention
+            side = 56 >> stage
+            key_index = attention.key_layout(side, side, torch.device("cpu")).key_index
+            dim = attention.num_heads * attention.head_dim
+            gathered = 2 * batch_size * key_index.numel() * dim * 2
+            source = batch_size * (int(key_index.max()) + 1) * 2 * dim * 2
+            difference += gathered - source
+    regathered = gpu_memory.estimate("focal-tiny", batch_size, 224)
+    kept = gpu_memory.estimate("focal-tiny", batch_size, 224, ("regathered-keys",))
+    assert kept - regathered > 0.9 * difference > 0, (kept, regathered, difference)
+
+
+def test_ablation_on_cuda_without_a_gpu_is_refused_in_one_line():
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "ablation.py"), "--device", "cuda", "--without", "regathered-keys"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(SRC), "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0 and "--device cuda, but torch" in result.stderr
+
+
 def test_ablation_run_end_to_end():
     script = SCRIPT.parent / "ablation.py"
     pythonpath = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
