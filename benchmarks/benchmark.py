@@ -98,8 +98,8 @@ def build_model(name: str, image_size: int = 224, num_labels: int = 1000, withou
 
 
 def turn_off(model, without: tuple[str, ...]):
-    """`model` (a Focal model) with the speed and memory mechanisms named in `without` turned off on this instance only (other
-    models of the process keep them)."""
+    """`model` (a Focal model) with the speed and memory mechanisms named in `without` turned off on this instance
+    only (other models of the process keep them)."""
     from focal_hf import modeling_focal
 
     if "cpu-attention-op" in without:
