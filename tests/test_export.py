@@ -1,7 +1,8 @@
 """Deployment at any input size: `torch.export` with symbolic height and width (one program for every side of at
-least 32 px), ONNX run in onnxruntime, `torch.compile(dynamic=True, fullgraph=True)` as one graph, and accelerate's
-disk offload (`device_map="auto"`). Tiny four-stage models with shifted windows, both attention types; each model
-and its exported program (also the ONNX test's source) are built once per attention type: tracing is the slow part."""
+least 32 px), ONNX run in onnxruntime, `torch.compile(dynamic=True, fullgraph=True)` as one graph, a training step
+compiled by inductor, and accelerate's disk offload (`device_map="auto"`). Tiny four-stage models with shifted
+windows, both attention types; each model and its exported program (also the ONNX test's source) are built once per
+attention type: tracing is the slow part."""
 
 import onnxruntime
 import pytest
@@ -119,6 +120,25 @@ def test_compile_dynamic_fullgraph_is_one_graph_for_every_size(model):
         with torch._dynamo.config.patch(error_on_recompile=call > 0), torch.no_grad():
             logits = compiled(pixel_values).logits
         torch.testing.assert_close(logits, eager_logits(model, pixel_values), rtol=0, atol=1e-4)
+
+
+def test_compiled_training_step_with_inductor_gives_the_eager_gradients():
+    # training compiles with `dynamic=False` (README: torch 2.13's inductor fails on symbolic sizes in training), here
+    # with inductor's C++ code generation, the default attention (the CPU op, one opaque node)
+    torch.manual_seed(0)
+    config = tiny_config(focal_topk=12, use_shift=True)
+    model, reference = FocalForImageClassification(config).train(), FocalForImageClassification(config).train()
+    reference.load_state_dict(model.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="inductor", fullgraph=True, dynamic=False)
+    pixel_values, labels = torch.randn(2, 3, 64, 96), torch.tensor([0, 1])
+    loss = compiled(pixel_values, labels=labels).loss
+    loss.backward()
+    reference_loss = reference(pixel_values, labels=labels).loss
+    reference_loss.backward()
+    torch.testing.assert_close(loss, reference_loss, atol=1e-5, rtol=0)
+    for (name, parameter), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(parameter.grad, expected.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize(
