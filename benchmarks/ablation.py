@@ -92,8 +92,9 @@ def main():
     print(f"mode     | with (img/s) | without (img/s) | speed-up from them (IQR){memory_columns}")
     for mode in modes:
         batch_size = int(mode.split("-")[1])
-        steps = {
-            name: make_step(model, mode, args.image_size, args.device, args.dtype) for name, model in models.items()
+        steps = {  # (on copies: a bf16 inference mode casts its model's weights)
+            name: make_step(copy.deepcopy(model), mode, args.image_size, args.device, args.dtype)
+            for name, model in models.items()
         }
         synchronize = torch.cuda.synchronize if cuda else None
         paired_steps(steps, args.warmup, synchronize)
