@@ -1,6 +1,7 @@
 """The benchmark script: its refusal without a GPU, its argument checks, and one minimal CPU run end to end."""
 
 import copy
+import importlib
 import json
 import os
 import subprocess
@@ -13,10 +14,11 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def run_script(*args, **env):
+def run_script(*args, script: str = SCRIPT.name, **env):
+    """Run one of the benchmark scripts (by default benchmark.py) on this checkout's `src`, offline."""
     pythonpath = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, str(SCRIPT.parent / script), *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -32,14 +34,18 @@ def test_cuda_without_a_gpu_is_refused_in_one_line():
     assert "--device cuda, but torch" in result.stderr and "sees no CUDA GPU here" in result.stderr
 
 
-@pytest.fixture
-def benchmark():
+def import_script(name: str):
+    """A benchmark script imported as a module (its folder on `sys.path` only while importing)."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        import benchmark
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(SCRIPT.parent))
-    return benchmark
+
+
+@pytest.fixture
+def benchmark():
+    return import_script("benchmark")
 
 
 def test_measurements_are_grouped_one_per_process_on_cpu_and_by_model_on_cuda(benchmark):
@@ -189,28 +195,15 @@ def test_regathered_keys_turned_off_keep_the_gathered_keys_off_the_cpu(benchmark
 
 
 def test_ablation_on_cuda_without_a_gpu_is_refused_in_one_line():
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT.parent / "ablation.py"), "--device", "cuda", "--without", "regathered-keys"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(SRC), "CUDA_VISIBLE_DEVICES": ""},
-    )
+    args = ["--device", "cuda", "--without", "regathered-keys"]
+    result = run_script(*args, script="ablation.py", CUDA_VISIBLE_DEVICES="")
     assert result.returncode != 0 and result.stdout == ""
     assert result.stderr.strip().count("\n") == 0 and "--device cuda, but torch" in result.stderr
 
 
 def test_ablation_run_end_to_end():
-    script = SCRIPT.parent / "ablation.py"
-    pythonpath = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
     args = ["--without", "inference-bias-cache", "--modes", "infer-1", "train-2", "--image-size", "64", "--steps", "2"]
-    result = subprocess.run(
-        [sys.executable, str(script), *args, "--warmup", "1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1"},
-    )
+    result = run_script(*args, "--warmup", "1", script="ablation.py")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("focal-tiny, 64 px, cpu (2 threads)") and "without inference-bias-cache" in lines[0]
@@ -221,12 +214,7 @@ def test_ablation_run_end_to_end():
 
 @pytest.fixture
 def gpu_memory():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import gpu_memory
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return gpu_memory
+    return import_script("gpu_memory")
 
 
 def test_autocast_emulation_casts_as_cuda_autocast(gpu_memory):
@@ -276,15 +264,8 @@ def test_gpu_memory_estimate_runs_the_gpu_kernel_in_bf16(gpu_memory):
 
 
 def test_gpu_memory_run_end_to_end():
-    pythonpath = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
     args = ["--models", "focal-tiny", "--batch-size", "1", "--image-sizes", "224", "256"]
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT.parent / "gpu_memory.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1"},
-    )
+    result = run_script(*args, script="gpu_memory.py")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("estimated peak memory of a bf16 training step on a CUDA GPU, batch 1")

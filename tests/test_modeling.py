@@ -315,6 +315,17 @@ def test_folded_attention_equals_eager_with_shift(attention_type, size, checkpoi
             assert cosine > 0.99 or grads[name].abs().max() < 1e-6, name
 
 
+def folded_attention_inputs(batch_size, num_windows, num_keys, num_tokens, num_heads, head_dim):
+    """Random inputs of `folded_sdpa_attention`: key_index, query and key_value (both requiring gradients) and a
+    bias without gradient (so that PyTorch's fused CPU kernel runs)."""
+    torch.manual_seed(0)
+    key_index = torch.randint(0, num_tokens, (num_windows, num_keys))
+    query = torch.randn(batch_size, num_windows * 49, num_heads * head_dim, requires_grad=True)
+    key_value = torch.randn(batch_size, num_tokens, 2 * num_heads * head_dim, requires_grad=True)
+    bias = torch.randn(num_windows, num_heads, 49, num_keys)
+    return key_index, query, key_value, bias
+
+
 def test_folded_attention_keeps_no_gathered_keys_for_the_backward_pass():
     # what a training step holds between its forward and backward passes: the gathered keys and values are not
     # kept (their source, the projection's output, is), yet the gradients are the same. (A bias without gradient,
@@ -324,12 +335,10 @@ def test_folded_attention_keeps_no_gathered_keys_for_the_backward_pass():
 
     from focal_hf.modeling_focal import fold_windows, unfold_windows
 
-    torch.manual_seed(0)
     batch_size, num_windows, num_keys, num_tokens, num_heads, head_dim = 4, 16, 64, 900, 2, 16
-    key_index = torch.randint(0, num_tokens, (num_windows, num_keys))
-    query = torch.randn(batch_size, num_windows * 49, num_heads * head_dim, requires_grad=True)
-    key_value = torch.randn(batch_size, num_tokens, 2 * num_heads * head_dim, requires_grad=True)
-    bias = torch.randn(num_windows, num_heads, 49, num_keys)
+    key_index, query, key_value, bias = folded_attention_inputs(
+        batch_size, num_windows, num_keys, num_tokens, num_heads, head_dim
+    )
 
     def kept_keys(query, key_value, key_index, bias, num_heads, scaling):
         query, key, value, bias = fold_windows(query, key_value, key_index, bias, num_heads)
@@ -361,12 +370,10 @@ def test_compiled_folded_attention_keeps_no_gathered_keys_for_the_backward_pass(
     # hands to the backward pass are the inputs and the kernel's outputs, not the gathered keys and values
     from torch._dynamo.backends.common import aot_autograd
 
-    torch.manual_seed(0)
     batch_size, num_windows, num_keys, num_tokens, num_heads, head_dim = 2, 4, 32, 300, 2, 8
-    key_index = torch.randint(0, num_tokens, (num_windows, num_keys))
-    query = torch.randn(batch_size, num_windows * 49, num_heads * head_dim, requires_grad=True)
-    key_value = torch.randn(batch_size, num_tokens, 2 * num_heads * head_dim, requires_grad=True)
-    bias = torch.randn(num_windows, num_heads, 49, num_keys)
+    key_index, query, key_value, bias = folded_attention_inputs(
+        batch_size, num_windows, num_keys, num_tokens, num_heads, head_dim
+    )
     handed_over = []
 
     def forward_compiler(graph_module, example_inputs):
