@@ -62,7 +62,6 @@ MECHANISMS = {
     "cpu-chunking": "blocks taking a few images at a time on CPU without autograd",
     "inference-bias-cache": "the attention bias kept between forward passes without autograd (CPU only)",
     "regathered-keys": "off the CPU, the gathered keys gathered again for the backward pass (then: kept)",
-    "spread-masked-keys": "keys masked for every query read the window's own tokens (then: all row 0)",
 }
 MODE_PATTERN = re.compile(r"^(infer|train)-([1-9][0-9]*)$")
 
@@ -115,8 +114,6 @@ def turn_off(model, without: tuple[str, ...]):
             module.forward = module.block  # (the chunking lives in `forward`)
         if "inference-bias-cache" in without and isinstance(module, modeling_focal.FocalAttentionBase):
             module.cached_attention_bias = types.MethodType(_uncached_attention_bias, module)
-        if "spread-masked-keys" in without and isinstance(module, modeling_focal.FocalAttentionBase):
-            module.key_layout = types.MethodType(_layout_with_masked_keys_at_row_0, module)
     return model
 
 
@@ -142,24 +139,6 @@ focal_sdpa_keeping_keys.gathers_keys = True
 
 def _uncached_attention_bias(self, layout, dtype):
     return self.attention_bias(layout).to(dtype)
-
-
-_MASKED_KEYS_AT_ROW_0 = {}  # id of a layout (kept alive by the layout cache) -> (it, its copy)
-
-
-def _layout_with_masked_keys_at_row_0(self, height, width, device):
-    """The block's key layout with every key masked for all queries reading row 0, as before `pad_keys` spread
-    them (`--without spread-masked-keys`); one copy per layout."""
-    import dataclasses
-
-    import torch
-
-    layout = type(self).key_layout(self, height, width, device)
-    if id(layout) not in _MASKED_KEYS_AT_ROW_0:
-        masked = torch.isneginf(layout.key_mask).all(dim=1)
-        moved = dataclasses.replace(layout, key_index=layout.key_index.masked_fill(masked, 0))
-        _MASKED_KEYS_AT_ROW_0[id(layout)] = (layout, moved)
-    return _MASKED_KEYS_AT_ROW_0[id(layout)][1]
 
 
 def _rss_bytes() -> int:

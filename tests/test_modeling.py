@@ -672,44 +672,6 @@ def test_focal_layout_merges_duplicate_keys_and_masks_pooled_keys_outside_the_ma
     inner = [window for window in range(64) if window // 8 < 7 and window % 8 < 7]  # away from the shifted seams
     assert not mask[:, :, 49:169].any() and not mask[inner, :, :49].any() and mask[63, :, :49].any()
     assert not any("index" in name or "slots" in name for name in FocalModel(tiny_config()).state_dict())
-    # keys masked for every query (pooled slots outside the map, padding) read the window's own tokens in turn, so
-    # that no row is read by more slots than a pooled token is by its 7x7 windows (all on row 0: 1,588)
-    masked = torch.isneginf(layout.key_mask[:, 0])
-    assert int(masked.sum()) == 1584
-    torch.testing.assert_close(layout.key_index[masked], layout.key_index[:, torch.arange(224) % 49][masked])
-    assert int(torch.bincount(layout.key_index.flatten()).max()) == 49
-
-
-@pytest.mark.parametrize("attn_implementation", ["focal_sdpa", "focal_sdpa_off_the_cpu", "eager"])
-@pytest.mark.parametrize("attention_type", ATTENTIONS)
-def test_rows_read_by_keys_masked_for_every_query_change_nothing(attention_type, attn_implementation, monkeypatch):
-    # the same logits and gradients, to the bit, when every such key reads row 0 instead (its weight is exactly 0)
-    torch.manual_seed(0)
-    model = make(
-        FocalForImageClassification, attention_type, attn_implementation=attn_implementation, use_shift=True
-    ).train()
-    pixel_values, labels = torch.randn(2, 3, 80, 48), torch.tensor([0, 4])
-
-    def step():
-        cached_key_layout.cache_clear()
-        model.zero_grad()
-        loss = model(pixel_values, labels=labels).loss
-        loss.backward()
-        return loss, {name: p.grad.clone() for name, p in model.named_parameters()}
-
-    loss, grads = step()
-    original = modeling_focal.pad_keys
-
-    def masked_keys_at_row_0(key_index, key_mask, window_area):
-        key_index, key_mask = original(key_index, key_mask, window_area)
-        return key_index.masked_fill(torch.isneginf(key_mask).all(dim=1), 0), key_mask
-
-    monkeypatch.setattr(modeling_focal, "pad_keys", masked_keys_at_row_0)
-    at_row_0, grads_at_row_0 = step()
-    cached_key_layout.cache_clear()
-    assert torch.equal(at_row_0, loss) and grads_at_row_0.keys() == grads.keys()
-    for name, grad in grads.items():
-        assert torch.equal(grads_at_row_0[name], grad), name
 
 
 @pytest.mark.parametrize("attention_type", ATTENTIONS)

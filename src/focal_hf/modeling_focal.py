@@ -233,20 +233,11 @@ def pooled_neighborhood(focal_window: int, level: int) -> tuple[int, torch.Tenso
     return kernel - first, torch.stack((rows, cols), -1).flatten(0, 1)
 
 
-def pad_keys(
-    key_index: torch.Tensor, key_mask: torch.Tensor, window_area: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad each window's keys with masked (-inf) keys to a multiple of `KEY_ALIGNMENT` keys (attention kernels then
-    run without vector tails), and point every key masked for all queries (padding, pooled slots outside the map)
-    at the window's first `window_area` keys in turn. Such a key's weight is exactly zero whatever it reads, but in
-    the backward pass its zero gradient is still added to the row it reads (`index_add_`, atomic on a GPU): all on
-    one row, the additions would queue on it (1,584 of the 14,336 key slots of Focal-T's first stage)."""
+def pad_keys(key_index: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad each window's keys with masked (-inf) copies of row 0 to a multiple of `KEY_ALIGNMENT` keys: attention
+    kernels then run without vector tails."""
     padding = -key_index.shape[-1] % KEY_ALIGNMENT
-    key_index = F.pad(key_index, (0, padding))
-    key_mask = F.pad(key_mask, (0, padding), value=float("-inf"))
-    masked = torch.isneginf(key_mask).all(dim=1)
-    spread = key_index[:, torch.arange(key_index.shape[1], device=key_index.device) % window_area]
-    return torch.where(masked, spread, key_index), key_mask
+    return F.pad(key_index, (0, padding)), F.pad(key_mask, (0, padding), value=float("-inf"))
 
 
 @dataclass
@@ -256,8 +247,7 @@ class FocalKeyLayout:
     key_index (`(num_windows, num_keys)`): rows of the attention's token source (the padded, shifted map in
         `window_partition` order, then each pooled map row-major): the window's own tokens, its distinct surrounding
         tokens (`fine_keys`; taken with the official `torch.roll` wrap-around), then its neighbourhood on each pooled
-        map in official order; padded to a multiple of `KEY_ALIGNMENT`. Keys masked for every query read the
-        window's own tokens (`pad_keys`).
+        map in official order; padded to a multiple of `KEY_ALIGNMENT`.
     key_mask (`(num_windows, window_size**2 or 1, num_keys)`): added to the attention logits: -100 across
         shifted-window regions on the own tokens (as the official code), -inf on pooled slots outside the map (the
         official code attends zero tokens there at -100, a weight below float precision) and on padding keys. It has
@@ -314,7 +304,7 @@ def focal_key_layout(height, width, geometry: FocalBlockGeometry, device: torch.
         mask = torch.where(inside, 0.0, float("-inf"))[:, None, :]
         key_mask.append(mask.expand(-1, fine_mask.shape[1], -1))
         start = start + map_h * map_w
-    return FocalKeyLayout(*pad_keys(torch.cat(key_index, dim=1), torch.cat(key_mask, dim=2), window_size**2))
+    return FocalKeyLayout(*pad_keys(torch.cat(key_index, dim=1), torch.cat(key_mask, dim=2)))
 
 
 @dataclass
@@ -380,8 +370,7 @@ def focal_fast_key_layout(
         offsets = relative[:, :, None, :] + in_window[:, None, :, None]  # 2, num_windows, window_area, k
         coord_index.append((offsets[0] + padded_h) * (2 * padded_w + 1) + offsets[1] + padded_w)
     key_index = torch.cat(key_index, dim=1)
-    key_mask = torch.zeros(key_index.shape[0], 1, key_index.shape[1], device=device)
-    key_index, key_mask = pad_keys(key_index, key_mask, window_size**2)
+    key_index, key_mask = pad_keys(key_index, torch.zeros(key_index.shape[0], 1, key_index.shape[1], device=device))
     return FocalFastKeyLayout(key_index, coords, coord_index, key_mask)
 
 
