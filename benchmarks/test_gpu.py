@@ -89,6 +89,7 @@ def test_focal_tiny_on_gpu_equals_cpu():
 def test_training_keeps_no_gathered_keys_on_gpu(monkeypatch):
     # what a bf16 training step holds after its forward pass, with the gathered keys and values gathered again in
     # the backward pass (the default) and kept (the hooks replaced by a no-op): the difference is the gathered keys
+    # less their source, the projection's keys and values (which only the regathering keeps)
     import contextlib
 
     from focal_hf import modeling_focal
@@ -113,7 +114,7 @@ def test_training_keeps_no_gathered_keys_on_gpu(monkeypatch):
 
     def recording(key_value, key_index, num_heads):
         key, value = original(key_value, key_index, num_heads)
-        gathered.append(key.numel() * key.element_size() + value.numel() * value.element_size())
+        gathered.append(key.nbytes + value.nbytes - key_value.nbytes)
         return key, value
 
     monkeypatch.setattr(modeling_focal, "gather_keys", recording)
@@ -122,4 +123,4 @@ def test_training_keeps_no_gathered_keys_on_gpu(monkeypatch):
     gathered_bytes = sum(gathered[:forward_gathers])
     monkeypatch.setattr(modeling_focal, "RegatheredKeys", lambda *args: contextlib.nullcontext())
     kept = held_after_forward()
-    assert kept - regathered >= 0.9 * gathered_bytes, (kept, regathered, gathered_bytes)
+    assert kept - regathered >= 0.9 * gathered_bytes > 0, (kept, regathered, gathered_bytes)
