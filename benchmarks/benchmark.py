@@ -60,7 +60,7 @@ DEFAULTS = {  # per device: modes, image sizes, rounds, timed iterations, warm-u
 MECHANISMS = {
     "cpu-attention-op": "the custom op of focal_sdpa on CPU (then: torch SDPA on the folded windows, as 'sdpa')",
     "cpu-chunking": "blocks taking a few images at a time on CPU without autograd",
-    "inference-bias-cache": "the attention bias kept between forward passes without autograd (CPU only)",
+    "inference-bias-cache": "the attention bias kept between forward passes without autograd",
     "regathered-keys": "off the CPU, the gathered keys gathered again for the backward pass (then: kept)",
 }
 MODE_PATTERN = re.compile(r"^(infer|train)-([1-9][0-9]*)$")

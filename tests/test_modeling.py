@@ -471,9 +471,10 @@ def test_outputs_follow_in_place_parameter_changes_and_dtype():
     assert table.grad is not None and table.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: a stand-in for a GPU (nothing waits for it)
 @pytest.mark.parametrize("attention_type", ATTENTIONS)
-def test_inference_reuses_the_attention_bias_until_a_weight_changes(attention_type, monkeypatch):
-    model = make(FocalForImageClassification, attention_type)
+def test_inference_reuses_the_attention_bias_until_a_weight_changes(attention_type, device, monkeypatch):
+    model = make(FocalForImageClassification, attention_type).to(device)
     calls = []
     original = modeling_focal.FocalAttentionBase.attention_bias
 
@@ -482,7 +483,7 @@ def test_inference_reuses_the_attention_bias_until_a_weight_changes(attention_ty
         return original(self, layout)
 
     monkeypatch.setattr(modeling_focal.FocalAttentionBase, "attention_bias", counted)
-    pixel_values = torch.randn(2, 3, 64, 64)
+    pixel_values = torch.randn(2, 3, 64, 64, device=device)
     num_blocks = sum(model.config.depths)
     attention = model.focal.encoder.layers[0].blocks[0].attention
     bias_weight = next(p for name, p in attention.named_parameters() if not name.startswith(("qkv.", "proj.")))
@@ -490,19 +491,52 @@ def test_inference_reuses_the_attention_bias_until_a_weight_changes(attention_ty
         first = model(pixel_values).logits
         assert len(calls) == num_blocks
         attention.qkv.weight.add_(0.0)  # not a bias weight
-        torch.testing.assert_close(model(pixel_values).logits, first, atol=0, rtol=0)
+        again = model(pixel_values).logits
         assert len(calls) == num_blocks  # reused
+        if device == "cpu":
+            torch.testing.assert_close(again, first, atol=0, rtol=0)
         bias_weight.add_(0.5)  # in place: that block's bias is computed afresh
         model(pixel_values)
         assert len(calls) == num_blocks + 1
-    model(pixel_values).logits.sum().backward()  # with autograd: always computed afresh
-    assert len(calls) == 2 * num_blocks + 1
+        if device == "cpu":  # (meta tensors have no memory addresses to tell apart)
+            bias_weight.data = bias_weight.data.clone()  # other memory (the same values): afresh
+            model(pixel_values)
+            assert len(calls) == num_blocks + 2
+        model.to(torch.float64)(pixel_values.double())  # another dtype: every block afresh
+        assert len(calls) == 2 * num_blocks + 1 + (device == "cpu")
+        # through `.data` PyTorch counts no change: the CPU's comparison of values sees it, elsewhere it is not
+        # looked for (it would wait for the device)
+        bias_weight.data.mul_(2)
+        model(pixel_values.double())
+        assert len(calls) == 2 * num_blocks + 1 + 2 * (device == "cpu")
+    model(pixel_values.double()).logits.sum().backward()  # with autograd: always computed afresh
+    assert len(calls) == 3 * num_blocks + 1 + 2 * (device == "cpu")
+
+
+def test_weights_made_under_inference_mode_are_not_cached_off_the_cpu(monkeypatch):
+    # they have no version counter: off the CPU (where values are not compared) an in-place change would go unseen
+    calls = []
+    original = modeling_focal.FocalAttentionBase.attention_bias
+    monkeypatch.setattr(
+        modeling_focal.FocalAttentionBase,
+        "attention_bias",
+        lambda self, layout: calls.append(1) or original(self, layout),
+    )
+    with torch.inference_mode():
+        for device in ("cpu", "meta"):
+            calls.clear()
+            model = make(FocalForImageClassification).to(device)
+            pixel_values = torch.randn(1, 3, 64, 64, device=device)
+            model(pixel_values)
+            model(pixel_values)
+            assert len(calls) == sum(model.config.depths) * (1 if device == "cpu" else 2), device
 
 
 @pytest.mark.parametrize("attention_type", ATTENTIONS)
 def test_no_host_synchronisation_off_the_cpu(attention_type):
     # on a GPU, an operator that hands a value to Python (torch.equal, .item(), bool(tensor)) waits for the device;
-    # the meta device stands in for one here: inference and training dispatch none (the bias cache is CPU-only)
+    # the meta device stands in for one here: inference and training dispatch none (off the CPU the bias cache
+    # compares no weights, only their version counters)
     from torch.utils._python_dispatch import TorchDispatchMode
 
     to_host = {"aten::equal", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::allclose"}

@@ -895,7 +895,7 @@ class FocalAttentionBase(nn.Module):
         self.qkv = FocalQKVProjection(dim, dim * 3, bias=config.qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
-        self._cached_bias = None  # (layout, dtype, position-bias parameter values, bias): cached_attention_bias
+        self._cached_bias = None  # (layout, dtype, parameter state, their values on CPU, bias): cached_attention_bias
 
     def key_layout(self, height, width, device: torch.device):
         """The key layout on a `height x width` map (before padding to whole windows)."""
@@ -913,28 +913,37 @@ class FocalAttentionBase(nn.Module):
         return bias + layout.key_mask[:, None].to(bias.dtype)
 
     def cached_attention_bias(self, layout, dtype: torch.dtype) -> torch.Tensor:
-        """`attention_bias(layout)` in `dtype`. On CPU in eager mode without autograd (inference, also image chunk
-        by image chunk), the last one is kept and reused while the layout, the dtype and the values of the
-        position-bias parameters are the same: the parameters are compared with a copy (they are small, the bias is
-        not), so an in-place change of a weight is always seen. Not on other devices: there each comparison would
-        wait for the device (a host synchronisation per block), which costs more than the few small kernels that
-        compute the bias."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or layout.key_index.device.type != "cpu":
+        """`attention_bias(layout)` in `dtype`. In eager mode without autograd (inference, also image chunk by image
+        chunk), the last one is kept and reused while the layout, the dtype and the position-bias parameters are the
+        same: the same memory, not changed in place since (PyTorch's version counters, read on the host), and on
+        CPU also the same values (compared with a copy: they are small, the bias is not), which catches even an
+        in-place change made through `.data`, which PyTorch does not count. On other devices the values are not
+        compared, since each comparison would wait for the device (a host synchronisation per block); there a
+        weight changed through `.data` needs `torch.no_grad()` and an in-place operation on the parameter itself
+        instead (as optimizers, `load_state_dict` and `transformers.initialization` do), and weights created under
+        `torch.inference_mode()`, which have no version counter, are not cached."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.attention_bias(layout).to(dtype)
+        on_cpu = layout.key_index.device.type == "cpu"
         parameters = [p for name, p in self.named_parameters() if not name.startswith(("qkv.", "proj."))]
+        state = [
+            (p.device, p.dtype, p.shape, p.data_ptr(), None if p.is_inference() else p._version) for p in parameters
+        ]
         cached = self._cached_bias
         if (
             cached is not None
             and cached[0] is layout
             and cached[1] == dtype
-            and all(
-                p.shape == c.shape and p.device == c.device and torch.equal(p, c)
-                for p, c in zip(parameters, cached[2], strict=True)
+            and cached[2] == state
+            and (
+                all(torch.equal(p, c) for p, c in zip(parameters, cached[3], strict=True))
+                if on_cpu
+                else all(version is not None for *_, version in state)
             )
         ):
-            return cached[3]
+            return cached[4]
         bias = self.attention_bias(layout).to(dtype)
-        self._cached_bias = (layout, dtype, [parameter.detach().clone() for parameter in parameters], bias)
+        self._cached_bias = (layout, dtype, state, [p.detach().clone() for p in parameters] if on_cpu else None, bias)
         return bias
 
     def forward(
