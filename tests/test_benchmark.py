@@ -275,3 +275,30 @@ def test_gpu_memory_run_end_to_end():
     assert rows[0][1:] == [rows[0][1].split()[0] + " (1.00x)", rows[0][2].split()[0] + " (1.00x)"]
     focal = [float(cell.split()[0].replace(",", "")) for cell in rows[1][1:]]
     assert focal[1] > focal[0] > 0  # more pixels, more memory
+
+
+def test_gather_kernels_time_every_variant_and_catch_a_wrong_one(capsys, monkeypatch):
+    gather_kernels = import_script("gather_kernels")
+    args = ["--device", "cpu", "--batch-size", "2", "--image-size", "64", "--dtype", "bf16", "--steps", "2"]
+    assert gather_kernels.main(args) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    # Focal-T at 64 px: four distinct block shapes, three variants each, index_select the baseline
+    assert [row[1] for row in rows] == ["index_select", "rows", "embedding"] * 4
+    assert rows[0][0] == "stage 1: 9 windows x 224 keys" and rows[0][4] == "1.00x / 1.00x"
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+    # a variant that takes the wrong rows is reported and fails the run
+    variants = gather_kernels.variants
+
+    def with_a_wrong_one(key_index, *shape):
+        found = variants(key_index, *shape)
+        return {**found, "shifted": lambda source: found["index_select"](source.roll(1, dims=2))}
+
+    monkeypatch.setattr(gather_kernels, "variants", with_a_wrong_one)
+    assert gather_kernels.main(args) == 1
+    assert capsys.readouterr().err.count("| shifted | MISMATCH") == 4
+
+
+def test_gather_kernels_on_cuda_without_a_gpu_is_refused_in_one_line():
+    result = run_script(script="gather_kernels.py", CUDA_VISIBLE_DEVICES="")
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0 and "--device cuda, but torch" in result.stderr
