@@ -6,17 +6,23 @@ measurement. On an H200 the gathers and their backward pass were a fifth of a Fo
     python benchmarks/gather_kernels.py                           # CUDA, bf16, Focal-T, batch 64, 224 px
     python benchmarks/gather_kernels.py --device cpu --batch-size 2 --image-size 64 --dtype fp32   # a check
 
-Variants (each gives `(batch_size, num_heads * num_windows * num_keys, head_dim)` from the source `(batch_size,
-num_heads, num_tokens, head_dim)` and `key_index` `(num_windows, num_keys)`):
-- `index_select`: `source.index_select(2, key_index.flatten())`, what `gather_keys` does (on CUDA it runs as
+Each variant gives the keys `(batch_size, num_heads * num_windows * num_keys, head_dim)` of a block:
+- `index_select`: from the token source `(batch_size, num_heads, num_tokens, head_dim)` (window by window, then
+  the pooled maps) by `source.index_select(2, key_index.flatten())`, what `gather_keys` does (on CUDA it runs as
   `aten::gather`, which reads an int64 index for every element; its backward is `index_add_`, atomic adds);
 - `rows`: the same rows by `index_select(0, ...)` of the source as one `(rows, head_dim)` matrix, with an index of
   every (image, head, key) built on the fly: one index per row of `head_dim` elements;
 - `embedding`: that matrix and index through `torch.nn.functional.embedding`, whose CUDA backward sorts the index
-  and sums each row's gradients without atomic adds.
-Every variant's output and source gradient are checked against `index_select`'s (a mismatch exits non-zero). Times
-are medians of `--steps` calls (CUDA events on CUDA), forward and backward separately, with the speed-up over
-`index_select`.
+  and sums each row's gradients without atomic adds;
+- `box` (Focal blocks whose fine keys form a box: `2 * expand_size <= window_size`, as in every official model):
+  from the map `(batch_size, num_heads, height, width, head_dim)` and each pooled map, no index at all: every
+  window's fine keys are the box of side `window_size + 2 * expand_size` around it on the map padded circularly
+  (the official `torch.roll` wrap-around), its pooled keys a box on each zero-padded pooled map, all strided views
+  (`Tensor.unfold`) copied into place; the backward pass sums the overlapping boxes. Its fine keys come in box order
+  (the others': own tokens first), so it is checked against the gather of that order.
+Every variant's keys (where not masked for every query) and source gradient are checked against a float32
+`index_select` (a mismatch exits non-zero). Times are medians of `--steps` calls (CUDA events on CUDA), forward and
+backward separately, with the speed-up over `index_select`.
 """
 
 from __future__ import annotations
@@ -25,10 +31,38 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from benchmark import MODELS, REFERENCE, build_model, positive_int
+
+from focal_hf.configuration_focal import FocalBlockGeometry
+from focal_hf.modeling_focal import fine_keys, grid_coordinates, pooled_neighborhood, window_order
+
+
+@dataclass
+class Block:
+    """One distinct block shape of a model at an image size."""
+
+    label: str
+    key_index: torch.Tensor  # (num_windows, num_keys), on the CPU
+    masked: torch.Tensor  # (num_windows, num_keys): keys masked for every query
+    num_heads: int
+    num_tokens: int
+    head_dim: int
+    side: int  # the (square) map's side, before padding to whole windows
+    geometry: FocalBlockGeometry | None  # a Focal block's; None for Focal-fast
+
+
+@dataclass
+class Variant:
+    """A way to gather `key_index`'s keys: `gather(*prepare(source))`, `prepare` taking the token source to the
+    variant's inputs (not timed)."""
+
+    key_index: torch.Tensor
+    prepare: object
+    gather: object
 
 
 def row_index(key_index: torch.Tensor, batch_size: int, num_heads: int, num_tokens: int) -> torch.Tensor:
@@ -38,29 +72,90 @@ def row_index(key_index: torch.Tensor, batch_size: int, num_heads: int, num_toke
     return starts + key_index.flatten()[None]
 
 
-def variants(key_index: torch.Tensor, batch_size: int, num_heads: int, num_tokens: int, head_dim: int) -> dict:
-    """The gathers, each `source -> (batch_size, num_heads * num_windows * num_keys, head_dim)`."""
-    flat = key_index.flatten()
-    shape = (batch_size, -1, head_dim)
+def variants(block: Block, batch_size: int, device: str) -> dict[str, Variant]:
+    """The gathers of `block`'s keys, by name."""
+    key_index = block.key_index.to(device)
+    flat, shape = key_index.flatten(), (batch_size, -1, block.head_dim)
+    index = row_index(key_index, batch_size, block.num_heads, block.num_tokens)
+
+    def as_is(source):
+        return (source,)
 
     def index_select(source):
         return source.index_select(2, flat).view(shape)
 
     def rows(source):
-        index = row_index(key_index, batch_size, num_heads, num_tokens).flatten()
-        return source.view(-1, head_dim).index_select(0, index).view(shape)
+        return source.view(-1, block.head_dim).index_select(0, index.flatten()).view(shape)
 
     def embedding(source):
-        return F.embedding(row_index(key_index, batch_size, num_heads, num_tokens), source.view(-1, head_dim)).view(
-            shape
-        )
+        return F.embedding(index, source.view(-1, block.head_dim)).view(shape)
 
-    return {"index_select": index_select, "rows": rows, "embedding": embedding}
+    found = {name: Variant(key_index, as_is, gather) for name, gather in [
+        ("index_select", index_select), ("rows", rows), ("embedding", embedding)
+    ]}  # fmt: skip
+    box = box_variant(block, batch_size, device)
+    if box is not None:
+        found["box"] = box
+    return found
 
 
-def block_shapes(name: str, image_size: int) -> list[tuple[str, torch.Tensor, torch.Tensor, int, int, int]]:
-    """Each distinct (key layout, heads) of the model's blocks at `image_size`: (label, key_index on the CPU, which
-    keys are masked for every query, num_heads, num_tokens, head_dim)."""
+def box_variant(block: Block, batch_size: int, device: str) -> Variant | None:
+    """The `box` gather of a Focal block, or None where its fine keys are not a box."""
+    geometry = block.geometry
+    if geometry is None:
+        return None
+    window, expand = geometry.window_size, geometry.expand_size if geometry.has_neighbors else 0
+    offsets, _ = fine_keys(geometry)
+    box = [(row, col) for row in range(-expand, window + expand) for col in range(-expand, window + expand)]
+    if sorted(box) != sorted(offsets):
+        return None
+    grid = -(-block.side // window)
+    padded, num_fine, box_side = grid * window, len(offsets), window + 2 * expand
+    windows = grid_coordinates(grid, grid)
+    box_offsets = torch.tensor(box)
+    rows = (windows[0][:, None] * window + box_offsets[None, :, 0]) % padded
+    cols = (windows[1][:, None] * window + box_offsets[None, :, 1]) % padded
+    key_index = torch.cat([window_order(rows, cols, window, grid), block.key_index[:, num_fine:]], dim=1).to(device)
+    levels = []  # (stride, side of its neighbourhood, padding before, padding after, map side)
+    for level in range(geometry.num_pooled_levels):
+        stride = 2**level
+        side, _ = pooled_neighborhood(geometry.focal_window, level)
+        kernel = 2 * (geometry.focal_window // 2) + 2 * stride - 1
+        before = kernel // 2 - (stride - 1)
+        map_side = grid * stride
+        levels.append((stride, side, before, (grid - 1) * stride + side - before - map_side, map_side))
+    num_heads, head_dim, num_keys = block.num_heads, block.head_dim, key_index.shape[1]
+
+    def prepare(source):
+        """The token source -> the map `(batch, heads, padded, padded, head_dim)` and each pooled map."""
+        fine = source[:, :, : padded * padded].reshape(batch_size, num_heads, grid, grid, window, window, head_dim)
+        maps, start = [fine.transpose(3, 4).reshape(batch_size, num_heads, padded, padded, head_dim)], padded**2
+        for *_, map_side in levels:
+            maps.append(source[:, :, start : start + map_side**2].view(batch_size, num_heads, map_side, map_side, -1))
+            start += map_side**2
+        return maps
+
+    def gather(fine, *pooled):
+        keys = fine.new_zeros(batch_size, num_heads, grid, grid, num_keys, head_dim)  # (zeros: the masked slots)
+        if expand:  # circular padding: the official torch.roll wrap-around
+            fine = torch.cat([fine[:, :, -expand:], fine, fine[:, :, :expand]], dim=2)
+            fine = torch.cat([fine[:, :, :, -expand:], fine, fine[:, :, :, :expand]], dim=3)
+        start = 0
+        for source, (stride, side, before, after) in [(fine, (window, box_side, 0, 0))] + [
+            (pooled_map, level[:4]) for pooled_map, level in zip(pooled, levels, strict=True)
+        ]:
+            source = F.pad(source, (0, 0, before, after, before, after))
+            boxes = source.unfold(2, side, stride).unfold(3, side, stride)  # batch, heads, grid, grid, dim, side, side
+            place = keys[:, :, :, :, start : start + side * side].view(*keys.shape[:4], side, side, head_dim)
+            place.copy_(boxes.permute(0, 1, 2, 3, 5, 6, 4))
+            start += side * side
+        return keys.view(batch_size, -1, head_dim)
+
+    return Variant(key_index, prepare, gather)
+
+
+def block_shapes(name: str, image_size: int) -> list[Block]:
+    """Each distinct (key layout, heads) of the model's blocks at `image_size`."""
     model = build_model(name, image_size)
     shapes, seen = [], set()
     side = image_size // 4
@@ -69,12 +164,21 @@ def block_shapes(name: str, image_size: int) -> list[tuple[str, torch.Tensor, to
             attention = block.attention
             layout = attention.key_layout(side, side, torch.device("cpu"))
             key_index, masked = layout.key_index, torch.isneginf(layout.key_mask).all(dim=1)
-            num_tokens = int(key_index.max()) + 1  # (at least: the source holds every row the layout reads)
+            geometry = attention.geometry if name != "focal-fast-tiny" else None
+            if geometry is not None:  # the map padded to whole windows and every pooled map
+                grid = -(-side // geometry.window_size)
+                num_tokens = (grid * geometry.window_size) ** 2 + sum(
+                    (grid * 2**level) ** 2 for level in range(geometry.num_pooled_levels)
+                )
+            else:
+                num_tokens = int(key_index.max()) + 1
             key = (tuple(key_index.shape), attention.num_heads, num_tokens)
             if key not in seen:
                 seen.add(key)
                 label = f"stage {stage + 1}: {key_index.shape[0]} windows x {key_index.shape[1]} keys"
-                shapes.append((label, key_index, masked, attention.num_heads, num_tokens, attention.head_dim))
+                shapes.append(
+                    Block(label, key_index, masked, attention.num_heads, num_tokens, attention.head_dim, side, geometry)
+                )
         side //= 2
     return shapes
 
@@ -99,12 +203,12 @@ def timed(function, steps: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def measure(gather, source: torch.Tensor, grad_output: torch.Tensor, steps: int, cuda: bool) -> tuple[float, float]:
-    """Median milliseconds of `gather(source)` without autograd, and of the backward pass of one such gather."""
+def measure(gather, inputs: list[torch.Tensor], grad_output: torch.Tensor, steps: int, cuda: bool):
+    """Median milliseconds of `gather(*inputs)` without autograd, and of the backward pass of one such gather."""
     with torch.no_grad():
-        forward = timed(lambda: gather(source), steps, cuda)
-    output = gather(source)
-    backward = timed(lambda: torch.autograd.grad(output, source, grad_output, retain_graph=True), steps, cuda)
+        forward = timed(lambda: gather(*inputs), steps, cuda)
+    output = gather(*inputs)
+    backward = timed(lambda: torch.autograd.grad(output, inputs, grad_output, retain_graph=True), steps, cuda)
     return forward, backward
 
 
@@ -128,33 +232,37 @@ def main(argv=None) -> int:
     print("block | variant | forward ms | backward ms | speed-up fwd / bwd")
     torch.manual_seed(0)
     mismatches = 0
-    for label, key_index, masked, num_heads, num_tokens, head_dim in block_shapes(args.model, args.image_size):
-        key_index = key_index.to(args.device)
-        source = torch.randn(args.batch_size, num_heads, num_tokens, head_dim, device=args.device, dtype=dtype)
-        source.requires_grad_()
+    for block in block_shapes(args.model, args.image_size):
+        source = torch.randn(
+            args.batch_size, block.num_heads, block.num_tokens, block.head_dim, device=args.device, dtype=dtype
+        )
         # as in the model, keys masked for every query (weight 0) get no gradient
+        live = ~block.masked.to(args.device)[None, None, :, :, None]
         grad_output = torch.randn(
-            args.batch_size, num_heads, *key_index.shape, head_dim, device=args.device, dtype=dtype
-        ).masked_fill(masked.to(args.device)[:, :, None], 0)
-        grad_output = grad_output.view(args.batch_size, -1, head_dim)
-        # the reference: index_select in float32 (bf16 variants are held to bf16 rounding of their sums)
-        exact = source.detach().float().requires_grad_()
-        expected = exact.index_select(2, key_index.flatten()).view(args.batch_size, -1, head_dim)
-        (expected_grad,) = torch.autograd.grad(expected, exact, grad_output.float())
-        # (relative to the largest gradient: a bf16 sum of 49 duplicates rounds at every addition)
-        tolerance = (1e-5 if dtype == torch.float32 else 2e-2) * float(expected_grad.abs().max())
-        for name, gather in variants(key_index, args.batch_size, num_heads, num_tokens, head_dim).items():
-            output = gather(source)
-            (grad_source,) = torch.autograd.grad(output, source, grad_output)
-            error = float((grad_source.float() - expected_grad).abs().max())
-            if not torch.equal(output.float(), expected) or error > tolerance:
-                print(f"{label} | {name} | MISMATCH against index_select in float32", file=sys.stderr)
+            args.batch_size, block.num_heads, *block.key_index.shape, block.head_dim, device=args.device, dtype=dtype
+        )
+        grad_output = (grad_output * live).view(args.batch_size, -1, block.head_dim)
+        for name, variant in variants(block, args.batch_size, args.device).items():
+            # the reference: index_select of the variant's keys in float32 (bf16 sums are held to bf16 rounding)
+            exact = source.float().requires_grad_()
+            expected = exact.index_select(2, variant.key_index.flatten()).view(args.batch_size, -1, block.head_dim)
+            (expected_grad,) = torch.autograd.grad(expected, exact, grad_output.float())
+            tokens = source.clone().requires_grad_()
+            output = variant.gather(*variant.prepare(tokens))
+            (grad_tokens,) = torch.autograd.grad(output, tokens, grad_output)
+            # (relative to the largest gradient: a bf16 sum of 49 duplicates rounds at every addition)
+            tolerance = (1e-5 if dtype == torch.float32 else 2e-2) * float(expected_grad.abs().max())
+            unmasked = live.expand(args.batch_size, block.num_heads, -1, -1, -1).reshape(args.batch_size, -1, 1)
+            same_keys = torch.equal(output.float() * unmasked, expected.detach() * unmasked)
+            if not same_keys or float((grad_tokens.float() - expected_grad).abs().max()) > tolerance:
+                print(f"{block.label} | {name} | MISMATCH against index_select in float32", file=sys.stderr)
                 mismatches += 1
-            forward, backward = measure(gather, source, grad_output, args.steps, cuda)
+            inputs = [tensor.detach().contiguous().requires_grad_() for tensor in variant.prepare(source)]
+            forward, backward = measure(variant.gather, inputs, grad_output, args.steps, cuda)
             if name == "index_select":
                 baseline = (forward, backward)
             print(
-                f"{label} | {name} | {forward:.3f} | {backward:.3f} | "
+                f"{block.label} | {name} | {forward:.3f} | {backward:.3f} | "
                 f"{baseline[0] / forward:.2f}x / {baseline[1] / backward:.2f}x",
                 flush=True,
             )

@@ -282,16 +282,28 @@ def test_gather_kernels_time_every_variant_and_catch_a_wrong_one(capsys, monkeyp
     args = ["--device", "cpu", "--batch-size", "2", "--image-size", "64", "--dtype", "bf16", "--steps", "2"]
     assert gather_kernels.main(args) == 0
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
-    # Focal-T at 64 px: four distinct block shapes, three variants each, index_select the baseline
-    assert [row[1] for row in rows] == ["index_select", "rows", "embedding"] * 4
+    # Focal-T at 64 px: four distinct block shapes (the last two with shrunk windows), four variants each (the
+    # box too: every Focal-T block's fine keys form one), index_select the baseline
+    assert [row[1] for row in rows] == ["index_select", "rows", "embedding", "box"] * 4
     assert rows[0][0] == "stage 1: 9 windows x 224 keys" and rows[0][4] == "1.00x / 1.00x"
     assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+    # Focal-fast-T has no box variant
+    assert gather_kernels.main([*args, "--model", "focal-fast-tiny"]) == 0
+    assert {line.split(" | ")[1] for line in capsys.readouterr().out.splitlines()[2:]} == {
+        "index_select",
+        "rows",
+        "embedding",
+    }
     # a variant that takes the wrong rows is reported and fails the run
     variants = gather_kernels.variants
 
-    def with_a_wrong_one(key_index, *shape):
-        found = variants(key_index, *shape)
-        return {**found, "shifted": lambda source: found["index_select"](source.roll(1, dims=2))}
+    def with_a_wrong_one(block, batch_size, device):
+        found = variants(block, batch_size, device)
+        index_select = found["index_select"]
+        shifted = gather_kernels.Variant(
+            index_select.key_index, index_select.prepare, lambda source: index_select.gather(source.roll(1, dims=2))
+        )
+        return {**found, "shifted": shifted}
 
     monkeypatch.setattr(gather_kernels, "variants", with_a_wrong_one)
     assert gather_kernels.main(args) == 1
