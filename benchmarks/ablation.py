@@ -18,10 +18,20 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 
-from benchmark import DEFAULTS, MECHANISMS, MODELS, REFERENCE, build_model, make_step, mode_type, positive_int, turn_off
+from benchmark import (
+    DEFAULTS,
+    MECHANISMS,
+    MODELS,
+    REFERENCE,
+    build_model,
+    make_step,
+    mode_type,
+    positive_int,
+    require_cuda,
+    turn_off,
+)
 
 
 def paired_steps(steps: dict, count: int, synchronize=None) -> dict[str, list[float]]:
@@ -74,8 +84,8 @@ def main():
 
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"ablation.py: --device cuda, but torch {torch.__version__} sees no CUDA GPU here")
+    if args.device == "cuda":
+        require_cuda("ablation.py")
     modes = args.modes or DEFAULTS[args.device]["modes"]
     cuda = args.device == "cuda"
     if not cuda:

@@ -84,6 +84,14 @@ def non_negative_int(text: str) -> int:
     return int(text)
 
 
+def require_cuda(script: str) -> None:
+    """Exit with one line unless torch sees a CUDA GPU (`--device cuda` of the scripts here)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit(f"{script}: --device cuda, but torch {torch.__version__} sees no CUDA GPU here")
+
+
 def build_model(name: str, image_size: int = 224, num_labels: int = 1000, without: tuple[str, ...] = ()):
     """An ImageNet classifier with random weights: an official Focal architecture or transformers' Swin-T; Focal
     models with the speed and memory mechanisms named in `without` (`MECHANISMS`) turned off (`turn_off`)."""
@@ -396,8 +404,8 @@ def main(argv=None):
     if args.worker:
         worker(json.loads(args.worker), args.device, args.dtype, args.iterations, args.warmup)
         return
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"benchmark.py: --device cuda, but torch {torch.__version__} sees no CUDA GPU here")
+    if args.device == "cuda":
+        require_cuda("benchmark.py")
 
     import transformers
 

@@ -37,10 +37,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from benchmark import MODELS, REFERENCE, build_model, positive_int
+from benchmark import MODELS, REFERENCE, build_model, positive_int, require_cuda
 
 from focal_hf.configuration_focal import FocalBlockGeometry
-from focal_hf.modeling_focal import fine_keys, grid_coordinates, pooled_neighborhood, window_order
+from focal_hf.modeling_focal import (
+    FocalSelfAttention,
+    ceil_div,
+    fine_keys,
+    grid_coordinates,
+    pooled_neighborhood,
+    window_order,
+)
 
 
 @dataclass
@@ -111,7 +118,7 @@ def box_variant(block: Block, batch_size: int, device: str) -> Variant | None:
     box = [(row, col) for row in range(-expand, window + expand) for col in range(-expand, window + expand)]
     if sorted(box) != sorted(offsets):
         return None
-    grid = -(-block.side // window)
+    grid = ceil_div(block.side, window)
     padded, num_fine, box_side = grid * window, len(offsets), window + 2 * expand
     windows = grid_coordinates(grid, grid)
     box_offsets = torch.tensor(box)
@@ -121,9 +128,8 @@ def box_variant(block: Block, batch_size: int, device: str) -> Variant | None:
     levels = []  # (stride, side of its neighbourhood, padding before, padding after, map side)
     for level in range(geometry.num_pooled_levels):
         stride = 2**level
-        side, _ = pooled_neighborhood(geometry.focal_window, level)
-        kernel = 2 * (geometry.focal_window // 2) + 2 * stride - 1
-        before = kernel // 2 - (stride - 1)
+        side, offsets = pooled_neighborhood(geometry.focal_window, level)
+        before = -int(offsets.min())  # (the neighbourhood starts this far before the window's own position)
         map_side = grid * stride
         levels.append((stride, side, before, (grid - 1) * stride + side - before - map_side, map_side))
     num_heads, head_dim, num_keys = block.num_heads, block.head_dim, key_index.shape[1]
@@ -166,9 +172,9 @@ def block_shapes(name: str, image_size: int) -> list[Block]:
             attention = block.attention
             layout = attention.key_layout(side, side, torch.device("cpu"))
             key_index, masked = layout.key_index, torch.isneginf(layout.key_mask).all(dim=1)
-            geometry = attention.geometry if name != "focal-fast-tiny" else None
+            geometry = attention.geometry if isinstance(attention, FocalSelfAttention) else None
             if geometry is not None:  # the map padded to whole windows and every pooled map
-                grid = -(-side // geometry.window_size)
+                grid = ceil_div(side, geometry.window_size)
                 num_tokens = (grid * geometry.window_size) ** 2 + sum(
                     (grid * 2**level) ** 2 for level in range(geometry.num_pooled_levels)
                 )
@@ -224,8 +230,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=positive_int, default=20)
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        sys.exit(f"gather_kernels.py: --device cuda, but torch {torch.__version__} sees no CUDA GPU here")
+    if cuda:
+        require_cuda("gather_kernels.py")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     where = torch.cuda.get_device_name() if cuda else "cpu"
     print(

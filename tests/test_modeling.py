@@ -471,10 +471,9 @@ def test_outputs_follow_in_place_parameter_changes_and_dtype():
     assert table.grad is not None and table.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: a stand-in for a GPU (nothing waits for it)
-@pytest.mark.parametrize("attention_type", ATTENTIONS)
-def test_inference_reuses_the_attention_bias_until_a_weight_changes(attention_type, device, monkeypatch):
-    model = make(FocalForImageClassification, attention_type).to(device)
+@pytest.fixture
+def attention_bias_calls(monkeypatch):
+    """Every computation of a block's attention bias (`FocalAttentionBase.attention_bias`), one entry each."""
     calls = []
     original = modeling_focal.FocalAttentionBase.attention_bias
 
@@ -483,6 +482,14 @@ def test_inference_reuses_the_attention_bias_until_a_weight_changes(attention_ty
         return original(self, layout)
 
     monkeypatch.setattr(modeling_focal.FocalAttentionBase, "attention_bias", counted)
+    return calls
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: a stand-in for a GPU (nothing waits for it)
+@pytest.mark.parametrize("attention_type", ATTENTIONS)
+def test_inference_reuses_the_attention_bias_until_a_weight_changes(attention_type, device, attention_bias_calls):
+    model = make(FocalForImageClassification, attention_type).to(device)
+    calls = attention_bias_calls
     pixel_values = torch.randn(2, 3, 64, 64, device=device)
     num_blocks = sum(model.config.depths)
     attention = model.focal.encoder.layers[0].blocks[0].attention
@@ -513,15 +520,9 @@ def test_inference_reuses_the_attention_bias_until_a_weight_changes(attention_ty
     assert len(calls) == 3 * num_blocks + 1 + 2 * (device == "cpu")
 
 
-def test_weights_made_under_inference_mode_are_not_cached_off_the_cpu(monkeypatch):
+def test_weights_made_under_inference_mode_are_not_cached_off_the_cpu(attention_bias_calls):
     # they have no version counter: off the CPU (where values are not compared) an in-place change would go unseen
-    calls = []
-    original = modeling_focal.FocalAttentionBase.attention_bias
-    monkeypatch.setattr(
-        modeling_focal.FocalAttentionBase,
-        "attention_bias",
-        lambda self, layout: calls.append(1) or original(self, layout),
-    )
+    calls = attention_bias_calls
     with torch.inference_mode():
         for device in ("cpu", "meta"):
             calls.clear()
