@@ -125,7 +125,7 @@ def turn_off(model, without: tuple[str, ...]):
     return model
 
 
-def focal_sdpa_keeping_keys(module, query, key_value, key_index, attention_mask, scaling, dropout=0.0, **kwargs):
+def focal_sdpa_keeping_keys(module, query, key, value, key_index, attention_mask, scaling, dropout=0.0, **kwargs):
     """`focal_sdpa` that keeps the gathered keys and values for the backward pass off the CPU, as before they were
     gathered again (`--without regathered-keys`)."""
     import torch.nn.functional as F
@@ -134,12 +134,11 @@ def focal_sdpa_keeping_keys(module, query, key_value, key_index, attention_mask,
 
     if query.device.type == "cpu":
         return modeling_focal.focal_sdpa_attention(
-            module, query, key_value, key_index, attention_mask, scaling, dropout, **kwargs
+            module, query, key, value, key_index, attention_mask, scaling, dropout, **kwargs
         )
-    num_heads = attention_mask.shape[1]
-    query, key, value, bias = modeling_focal.fold_windows(query, key_value, key_index, attention_mask, num_heads)
+    query, key, value, bias = modeling_focal.fold_windows(query, key, value, key_index, attention_mask)
     output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
-    return modeling_focal.unfold_windows(output.transpose(1, 2), num_heads), None
+    return modeling_focal.unfold_windows(output.transpose(1, 2), attention_mask.shape[1]), None
 
 
 focal_sdpa_keeping_keys.gathers_keys = True

@@ -1,27 +1,25 @@
-"""The key/value gather of the GPU path, alone: ways to take each window's keys from the head-major token source, timed
+"""The key/value gather of the GPU path, alone: ways to take each window's keys from their token source, timed
 forward and backward at every block shape of a model, so that the next change to `gather_keys` is chosen by
 measurement. On an H200 the gathers and their backward pass were a fifth of a Focal-T training step (README,
-"Performance").
+"Performance"; of the earlier head-major gather).
 
     python benchmarks/gather_kernels.py                           # CUDA, bf16, Focal-T, batch 64, 224 px
     python benchmarks/gather_kernels.py --device cpu --batch-size 2 --image-size 64 --dtype fp32   # a check
 
-Each variant gives the keys `(batch_size, num_heads * num_windows * num_keys, head_dim)` of a block:
-- `index_select`: from the token source `(batch_size, num_heads, num_tokens, head_dim)` (window by window, then
-  the pooled maps) by `source.index_select(2, key_index.flatten())`, what `gather_keys` does (on CUDA it runs as
-  `aten::gather`, which reads an int64 index for every element; its backward is `index_add_`, atomic adds);
-- `rows`: the same rows by `index_select(0, ...)` of the source as one `(rows, head_dim)` matrix, with an index of
-  every (image, head, key) built on the fly: one index per row of `head_dim` elements (but autograd keeps that
-  index for the backward pass: 44 MB per first-stage block of Focal-T at batch 64, where `index_select` keeps the
-  small `key_index`);
-- `embedding`: that matrix and index through `torch.nn.functional.embedding`, whose CUDA backward sorts the index
-  and sums each row's gradients without atomic adds;
+Each variant gives the keys `(batch_size, num_keys * num_windows, dim)` of a block, key by key (the layout in which
+the attention kernels hand back their gradients, `gather_keys`):
+- `index_select`: from the token source `(batch_size, num_tokens, dim)` (window by window, then the pooled maps) by
+  `source.index_select(1, key_index.t().flatten())`, what `gather_keys` does (its backward is `index_add_` of whole
+  rows, atomic adds);
+- `embedding`: the source as one `(batch_size * num_tokens, dim)` matrix through `torch.nn.functional.embedding`,
+  with an index of every (image, key) built on the fly (autograd keeps it: 7 MB per first-stage block of Focal-T at
+  batch 64), whose CUDA backward sorts the index and sums each row's gradients without atomic adds;
 - `box` (Focal blocks whose fine keys form a box: `2 * expand_size <= window_size`, as in every official model):
-  from the map `(batch_size, num_heads, height, width, head_dim)` and each pooled map, no index at all: every
-  window's fine keys are the box of side `window_size + 2 * expand_size` around it on the map padded circularly
-  (the official `torch.roll` wrap-around), its pooled keys a box on each zero-padded pooled map, all strided views
-  (`Tensor.unfold`) copied into place; the backward pass sums the overlapping boxes. Its fine keys come in box order
-  (the others': own tokens first), so it is checked against the gather of that order.
+  from the map `(batch_size, height, width, dim)` and each pooled map, no index at all: every window's fine keys are
+  the box of side `window_size + 2 * expand_size` around it on the map padded circularly (the official `torch.roll`
+  wrap-around), its pooled keys a box on each zero-padded pooled map, all strided views (`Tensor.unfold`) copied
+  into place; the backward pass sums the overlapping boxes. Its fine keys come in box order (the others': own
+  tokens first), so it is checked against the gather of that order.
 Every variant's keys (where not masked for every query) and source gradient are checked against a float32
 `index_select` (a mismatch exits non-zero). Times are medians of `--steps` calls (CUDA events on CUDA), forward and
 backward separately, with the speed-up over `index_select`.
@@ -74,33 +72,23 @@ class Variant:
     gather: object
 
 
-def row_index(key_index: torch.Tensor, batch_size: int, num_heads: int, num_tokens: int) -> torch.Tensor:
-    """The row of the `(batch_size * num_heads * num_tokens, head_dim)` source matrix of every gathered key:
-    `(batch_size * num_heads, num_windows * num_keys)`."""
-    starts = torch.arange(batch_size * num_heads, device=key_index.device)[:, None] * num_tokens
-    return starts + key_index.flatten()[None]
-
-
 def variants(block: Block, batch_size: int, device: str) -> dict[str, Variant]:
     """The gathers of `block`'s keys, by name."""
     key_index = block.key_index.to(device)
-    flat, shape = key_index.flatten(), (batch_size, -1, block.head_dim)
-    index = row_index(key_index, batch_size, block.num_heads, block.num_tokens)
+    flat = key_index.t().flatten()
+    rows = torch.arange(batch_size, device=device)[:, None] * block.num_tokens + flat[None]  # batch_size, keys
 
     def as_is(source):
         return (source,)
 
     def index_select(source):
-        return source.index_select(2, flat).view(shape)
-
-    def rows(source):
-        return source.view(-1, block.head_dim).index_select(0, index.flatten()).view(shape)
+        return source.index_select(1, flat)
 
     def embedding(source):
-        return F.embedding(index, source.view(-1, block.head_dim)).view(shape)
+        return F.embedding(rows, source.view(-1, source.shape[-1]))
 
     found = {name: Variant(key_index, as_is, gather) for name, gather in [
-        ("index_select", index_select), ("rows", rows), ("embedding", embedding)
+        ("index_select", index_select), ("embedding", embedding)
     ]}  # fmt: skip
     box = box_variant(block, batch_size, device)
     if box is not None:
@@ -132,32 +120,32 @@ def box_variant(block: Block, batch_size: int, device: str) -> Variant | None:
         before = -int(offsets.min())  # (the neighbourhood starts this far before the window's own position)
         map_side = grid * stride
         levels.append((stride, side, before, (grid - 1) * stride + side - before - map_side, map_side))
-    num_heads, head_dim, num_keys = block.num_heads, block.head_dim, key_index.shape[1]
+    num_keys, dim = key_index.shape[1], block.num_heads * block.head_dim
 
     def prepare(source):
-        """The token source -> the map `(batch, heads, padded, padded, head_dim)` and each pooled map."""
-        fine = source[:, :, : padded * padded].reshape(batch_size, num_heads, grid, grid, window, window, head_dim)
-        maps, start = [fine.transpose(3, 4).reshape(batch_size, num_heads, padded, padded, head_dim)], padded**2
+        """The token source -> the map `(batch, padded, padded, dim)` and each pooled map."""
+        fine = source[:, : padded * padded].reshape(batch_size, grid, grid, window, window, dim)
+        maps, start = [fine.transpose(2, 3).reshape(batch_size, padded, padded, dim)], padded**2
         for *_, map_side in levels:
-            maps.append(source[:, :, start : start + map_side**2].view(batch_size, num_heads, map_side, map_side, -1))
+            maps.append(source[:, start : start + map_side**2].view(batch_size, map_side, map_side, dim))
             start += map_side**2
         return maps
 
     def gather(fine, *pooled):
-        keys = fine.new_zeros(batch_size, num_heads, grid, grid, num_keys, head_dim)  # (zeros: the masked slots)
+        keys = fine.new_zeros(batch_size, num_keys, grid, grid, dim)  # (zeros: the masked slots)
         if expand:  # circular padding: the official torch.roll wrap-around
+            fine = torch.cat([fine[:, -expand:], fine, fine[:, :expand]], dim=1)
             fine = torch.cat([fine[:, :, -expand:], fine, fine[:, :, :expand]], dim=2)
-            fine = torch.cat([fine[:, :, :, -expand:], fine, fine[:, :, :, :expand]], dim=3)
         start = 0
         for source, (stride, side, before, after) in [(fine, (window, box_side, 0, 0))] + [
             (pooled_map, level[:4]) for pooled_map, level in zip(pooled, levels, strict=True)
         ]:
             source = F.pad(source, (0, 0, before, after, before, after))
-            boxes = source.unfold(2, side, stride).unfold(3, side, stride)  # batch, heads, grid, grid, dim, side, side
-            place = keys[:, :, :, :, start : start + side * side].view(*keys.shape[:4], side, side, head_dim)
-            place.copy_(boxes.permute(0, 1, 2, 3, 5, 6, 4))
+            boxes = source.unfold(1, side, stride).unfold(2, side, stride)  # batch, grid, grid, dim, side, side
+            place = keys[:, start : start + side * side].view(batch_size, side, side, grid, grid, dim)
+            place.copy_(boxes.permute(0, 4, 5, 1, 2, 3))
             start += side * side
-        return keys.view(batch_size, -1, head_dim)
+        return keys.view(batch_size, -1, dim)
 
     return Variant(key_index, prepare, gather)
 
@@ -241,26 +229,23 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     mismatches = 0
     for block in block_shapes(args.model, args.image_size):
-        source = torch.randn(
-            args.batch_size, block.num_heads, block.num_tokens, block.head_dim, device=args.device, dtype=dtype
-        )
+        dim = block.num_heads * block.head_dim
+        source = torch.randn(args.batch_size, block.num_tokens, dim, device=args.device, dtype=dtype)
         # as in the model, keys masked for every query (weight 0) get no gradient
-        live = ~block.masked.to(args.device)[None, None, :, :, None]
-        grad_output = torch.randn(
-            args.batch_size, block.num_heads, *block.key_index.shape, block.head_dim, device=args.device, dtype=dtype
-        )
-        grad_output = (grad_output * live).view(args.batch_size, -1, block.head_dim)
+        live = ~block.masked.t().to(args.device)[None, :, :, None]  # 1, keys, windows, 1
+        grad_output = torch.randn(args.batch_size, *block.key_index.t().shape, dim, device=args.device, dtype=dtype)
+        grad_output = (grad_output * live).view(args.batch_size, -1, dim)
         for name, variant in variants(block, args.batch_size, args.device).items():
             # the reference: index_select of the variant's keys in float32 (bf16 sums are held to bf16 rounding)
             exact = source.float().requires_grad_()
-            expected = exact.index_select(2, variant.key_index.flatten()).view(args.batch_size, -1, block.head_dim)
+            expected = exact.index_select(1, variant.key_index.t().flatten())
             (expected_grad,) = torch.autograd.grad(expected, exact, grad_output.float())
             tokens = source.clone().requires_grad_()
             output = variant.gather(*variant.prepare(tokens))
             (grad_tokens,) = torch.autograd.grad(output, tokens, grad_output)
             # (relative to the largest gradient: a bf16 sum of 49 duplicates rounds at every addition)
             tolerance = (1e-5 if dtype == torch.float32 else 2e-2) * float(expected_grad.abs().max())
-            unmasked = live.expand(args.batch_size, block.num_heads, -1, -1, -1).reshape(args.batch_size, -1, 1)
+            unmasked = live.expand(args.batch_size, -1, -1, -1).reshape(args.batch_size, -1, 1)
             same_keys = torch.equal(output.float() * unmasked, expected.detach() * unmasked)
             if not same_keys or float((grad_tokens.float() - expected_grad).abs().max()) > tolerance:
                 print(f"{block.label} | {name} | MISMATCH against index_select in float32", file=sys.stderr)

@@ -8,7 +8,7 @@
 # 3. profiles one bf16 training step of Focal-T (the top CUDA kernels, benchmarks/profile_gpu.py),
 # 4. measures Focal-T's training step with and without the keys gathered again for the backward pass
 #    (benchmarks/ablation.py: speed, interleaved, and peak memory),
-# 5. times the key/value gather alone, four ways, forward and backward (benchmarks/gather_kernels.py),
+# 5. times the key/value gather alone, three ways, forward and backward (benchmarks/gather_kernels.py),
 # 6. runs the benchmark against Swin-T (bf16, 224 and 448 px, plus torch.compile at 224).
 # Everything ends within about 8.5 minutes: each step runs under `timeout`, the benchmark in what is left of the
 # budget; interrupted, it still prints the table of what it measured. Output: $OUT/test_gpu.txt, $OUT/profile.txt,
@@ -58,7 +58,7 @@ echo "== what gathering the keys again for the backward pass costs: benchmarks/a
 timeout -k 10 90 "$PYTHON" benchmarks/ablation.py --device cuda --dtype bf16 --without regathered-keys \
     --modes train-64 --steps 10 2>&1 | tee "$OUT/ablation.txt" || status=1
 
-echo "== the key/value gather alone, four ways: benchmarks/gather_kernels.py"
+echo "== the key/value gather alone, three ways: benchmarks/gather_kernels.py"
 timeout -k 10 60 "$PYTHON" benchmarks/gather_kernels.py 2>&1 | tee "$OUT/gather.txt" || status=1
 
 left=$((BUDGET_S - SECONDS))

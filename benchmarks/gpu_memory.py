@@ -3,6 +3,7 @@
     python benchmarks/gpu_memory.py                    # Swin-T, Focal-T/S/B, Focal-fast-T; batch 64; 224 and 448 px
     python benchmarks/gpu_memory.py --models swin-tiny focal-tiny --batch-size 32 --image-sizes 224
     python benchmarks/gpu_memory.py --without regathered-keys       # the gathered keys kept for the backward pass
+    python benchmarks/gpu_memory.py --traffic                       # the bytes read and written instead (GB)
 
 Each model runs one training step as `benchmark.py --device cuda --dtype bf16` does (forward under bf16 autocast,
 backward, AdamW; after one step that creates the optimizer state) on PyTorch's meta device: tensors with shapes and
@@ -14,6 +15,9 @@ products and convolutions in bf16; normalisation, softmax and losses in float32)
 since autocast has no meta device. Reported, as `benchmark.py` does on CUDA: the peak over the step less the
 weights, in MiB, and each model's ratio to Swin-T at the same image size.
 
+With `--traffic` it counts instead the bytes that the step's operators read and write (`Traffic`), a proxy for the
+time a GPU spends on memory-bound work (copies, casts, gathers, elementwise operators).
+
 What it leaves out: the CUDA caching allocator's rounding and the kernels' workspaces. Checked against one real
 H200 (`benchmark.py`, torch 2.11; estimating the code measured there, which kept the gathered keys and values for
 the backward pass, as 8e5f233 does), batch 64, estimated against measured MiB: 224 px Swin-T 4,243 / 4,341, Focal-T
@@ -24,12 +28,17 @@ the backward pass, as 8e5f233 does), batch 64, estimated against measured MiB: 2
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import torch
 import torch.nn.functional as F
 from benchmark import MECHANISMS, MODELS, REFERENCE, build_model, positive_int
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from focal_hf import modeling_focal
 
 LOW_PRECISION = {
     F.linear,
@@ -55,7 +64,18 @@ def _cast(value, dtype: torch.dtype):
 
 
 class Autocast(TorchFunctionMode):
-    """bf16 autocast's casting rules for the functions models call, on any device (the meta device has none)."""
+    """bf16 autocast's casting rules for the functions models call, on any device (the meta device has none). Focal
+    models ask torch whether autocast is on to cast their projections' input once (`autocast_input`): torch says no
+    on the meta device, so that cast is made here as autocast on CUDA has it made."""
+
+    def __enter__(self):
+        self._autocast_input = modeling_focal.autocast_input
+        modeling_focal.autocast_input = functools.partial(_cast, dtype=torch.bfloat16)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        modeling_focal.autocast_input = self._autocast_input
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -80,11 +100,9 @@ def memory_efficient_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_c
     )[0]
 
 
-def training_step_peak(model: torch.nn.Module, batch_size: int, image_size: int, device: str = "meta") -> int:
-    """Peak bytes alive during one bf16-autocast training step of `model` (an image classifier on `device`) with an
-    existing AdamW state, less the weights."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
+def prepared_step(model: torch.nn.Module, batch_size: int, image_size: int, device: str = "meta"):
+    """A function running one bf16-autocast training step of `model` (an image classifier on `device`: forward,
+    backward, AdamW), after a first step that creates the optimizer state; and the optimizer."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     pixel_values = torch.randn(batch_size, 3, image_size, image_size, device=device)
@@ -98,6 +116,15 @@ def training_step_peak(model: torch.nn.Module, batch_size: int, image_size: int,
         optimizer.zero_grad(set_to_none=True)
 
     step()  # creates the optimizer state
+    return step, optimizer
+
+
+def training_step_peak(model: torch.nn.Module, batch_size: int, image_size: int, device: str = "meta") -> int:
+    """Peak bytes alive during one bf16-autocast training step of `model` (an image classifier on `device`) with an
+    existing AdamW state, less the weights."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    step, optimizer = prepared_step(model, batch_size, image_size, device)
     tracker = MemTracker()
     tracker.track_external(model, optimizer)
     with tracker:
@@ -106,15 +133,49 @@ def training_step_peak(model: torch.nn.Module, batch_size: int, image_size: int,
     return peak - sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def estimate(name: str, batch_size: int, image_size: int, without: tuple[str, ...] = ()) -> int:
-    """`training_step_peak` of a `benchmark.py` model (Focal models without the mechanisms named in `without`) on
-    the meta device, SDPA as on a CUDA GPU."""
+class Traffic(TorchDispatchMode):
+    """Counts the bytes the operators read and write: every tensor an operator takes or returns, except for views and
+    aliases (which move nothing) and the inputs of factories such as `new_zeros` (which read nothing). A proxy for
+    the time a GPU spends on memory-bound work; matrix products and attention kernels are counted by their operands
+    too, well below what they cost."""
+
+    ALIASES = {torch.ops.aten._unsafe_view.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default}
+    FACTORIES = {"new_zeros", "new_empty", "new_ones", "new_full", "empty_like", "zeros_like", "ones_like"}
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        if not (func.is_view or func in self.ALIASES):
+            moved = output if func.overloadpacket.__name__ in self.FACTORIES else (args, kwargs, output)
+            self.bytes += sum(
+                tensor.numel() * tensor.element_size()
+                for tensor in tree_leaves(moved)
+                if isinstance(tensor, torch.Tensor)
+            )
+        return output
+
+
+def training_step_traffic(model: torch.nn.Module, batch_size: int, image_size: int, device: str = "meta") -> int:
+    """Bytes read and written (`Traffic`) by one bf16-autocast training step of `model` with an existing AdamW
+    state."""
+    step, _ = prepared_step(model, batch_size, image_size, device)
+    with Traffic() as traffic:
+        step()
+    return traffic.bytes
+
+
+def estimate(name: str, batch_size: int, image_size: int, without: tuple[str, ...] = (), measure=training_step_peak):
+    """`measure` (`training_step_peak` or `training_step_traffic`) of a `benchmark.py` model (Focal models without the
+    mechanisms named in `without`) on the meta device, SDPA as on a CUDA GPU."""
     with torch.device("meta"):
         model = build_model(name, image_size, without=without)
     sdpa = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = memory_efficient_sdpa
     try:
-        return training_step_peak(model, batch_size, image_size)
+        return measure(model, batch_size, image_size)
     finally:
         F.scaled_dot_product_attention = sdpa
 
@@ -131,25 +192,35 @@ def main():
         choices=sorted(MECHANISMS),
         help="turn off these mechanisms of the Focal models (benchmark.py's; regathered-keys is the one for memory)",
     )
-    parser.add_argument("--json", help="also write the estimates (MiB) to this JSON file")
+    parser.add_argument(
+        "--traffic",
+        action="store_true",
+        help="estimate the bytes the step's operators read and write (GB) instead of its peak memory",
+    )
+    parser.add_argument("--json", help="also write the estimates (MiB, or GB with --traffic) to this JSON file")
     args = parser.parse_args()
     models = [REFERENCE] + [name for name in args.models if name != REFERENCE]
     results = []
     without = tuple(args.without)
+    measure, unit, key, scale = (
+        (training_step_traffic, "GB read and written", "traffic_gb", 1e9)
+        if args.traffic
+        else (training_step_peak, "peak MiB, less weights", "peak_mib", 2**20)
+    )
     print(
-        f"estimated peak memory of a bf16 training step on a CUDA GPU, batch {args.batch_size} (MiB, less weights)"
-        + (f"; Focal models without {', '.join(without)}" if without else "")
+        f"estimated {'memory traffic' if args.traffic else 'peak memory'} of a bf16 training step on a CUDA GPU, batch "
+        f"{args.batch_size} ({unit})" + (f"; Focal models without {', '.join(without)}" if without else "")
     )
     print("| model | " + " | ".join(f"{size} px" for size in args.image_sizes) + " |")
     print("| --- |" + " --- |" * len(args.image_sizes))
-    reference = {size: estimate(REFERENCE, args.batch_size, size) for size in args.image_sizes}
+    reference = {size: estimate(REFERENCE, args.batch_size, size, measure=measure) for size in args.image_sizes}
     for name in models:
         cells = []
         for size in args.image_sizes:
-            peak = reference[size] if name == REFERENCE else estimate(name, args.batch_size, size, without)
+            figure = reference[size] if name == REFERENCE else estimate(name, args.batch_size, size, without, measure)
             result = {"model": name, "image_size": size, "batch_size": args.batch_size, "without": list(without)}
-            results.append({**result, "peak_mib": peak / 2**20})
-            cells.append(f"{peak / 2**20:,.0f} ({peak / reference[size]:.2f}x)")
+            results.append({**result, key: figure / scale})
+            cells.append(f"{figure / scale:,.{1 if args.traffic else 0}f} ({figure / reference[size]:.2f}x)")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     if args.json:
         with open(args.json, "w") as handle:

@@ -112,14 +112,14 @@ def test_training_keeps_no_gathered_keys_on_gpu(monkeypatch):
 
     original = modeling_focal.gather_keys
 
-    def recording(key_value, key_index, num_heads):
-        key, value = original(key_value, key_index, num_heads)
-        gathered.append(key.nbytes + value.nbytes - key_value.nbytes)
-        return key, value
+    def recording(source, key_index, num_heads):
+        keys = original(source, key_index, num_heads)
+        gathered.append(keys.nbytes - source.nbytes)
+        return keys
 
     monkeypatch.setattr(modeling_focal, "gather_keys", recording)
     regathered = held_after_forward()
-    forward_gathers = len(gathered) // 2  # (each block gathers once forward, once backward)
+    forward_gathers = len(gathered) // 2  # (each block gathers keys and values once forward, once backward)
     gathered_bytes = sum(gathered[:forward_gathers])
     monkeypatch.setattr(modeling_focal, "RegatheredKeys", lambda *args: contextlib.nullcontext())
     kept = held_after_forward()

@@ -221,6 +221,8 @@ def test_autocast_emulation_casts_as_cuda_autocast(gpu_memory):
     import torch
     import torch.nn.functional as F
 
+    from focal_hf import modeling_focal
+
     def meta(*shape):
         return torch.randn(*shape, device="meta")
 
@@ -235,6 +237,21 @@ def test_autocast_emulation_casts_as_cuda_autocast(gpu_memory):
         assert F.cross_entropy(projected, torch.zeros(2, dtype=torch.long, device="meta")).dtype == torch.float32
         assert (projected + inputs).dtype == torch.float32  # the rest: type promotion
         assert torch.relu(projected).dtype == torch.bfloat16
+        # the one cast of the projections' input that Focal models make where torch reports autocast on
+        assert modeling_focal.autocast_input(inputs).dtype == torch.bfloat16
+    assert modeling_focal.autocast_input(inputs).dtype == torch.float32  # (meta: torch reports no autocast)
+
+
+def test_traffic_counts_what_operators_read_and_write(gpu_memory):
+    import torch
+
+    first, second = (torch.randn(4, 4, device="meta") for _ in range(2))  # 64 bytes each
+    with gpu_memory.Traffic() as traffic:
+        total = first + second  # reads 128 bytes, writes 64
+        total.view(16)  # a view: nothing
+        first.new_zeros(8, 4)  # a factory: writes 128, reads nothing
+        total.t().contiguous()  # a copy: reads 64, writes 64
+    assert traffic.bytes == 192 + 128 + 128
 
 
 def test_gpu_memory_estimate_runs_the_gpu_kernel_in_bf16(gpu_memory):
@@ -275,6 +292,13 @@ def test_gpu_memory_run_end_to_end():
     assert rows[0][1:] == [rows[0][1].split()[0] + " (1.00x)", rows[0][2].split()[0] + " (1.00x)"]
     focal = [float(cell.split()[0].replace(",", "")) for cell in rows[1][1:]]
     assert focal[1] > focal[0] > 0  # more pixels, more memory
+    result = run_script("--traffic", *args[:-1], script="gpu_memory.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("estimated memory traffic of a bf16 training step on a CUDA GPU, batch 1 (GB")
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines[3:]]
+    assert [row[0] for row in rows] == ["swin-tiny", "focal-tiny"] and rows[0][1].endswith("(1.00x)")
+    assert 0 < float(rows[0][1].split()[0]) < float(rows[1][1].split()[0])  # Focal-T moves more than Swin-T
 
 
 def test_gather_kernels_time_every_variant_and_catch_a_wrong_one(capsys, monkeypatch):
@@ -282,18 +306,14 @@ def test_gather_kernels_time_every_variant_and_catch_a_wrong_one(capsys, monkeyp
     args = ["--device", "cpu", "--batch-size", "2", "--image-size", "64", "--dtype", "bf16", "--steps", "2"]
     assert gather_kernels.main(args) == 0
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
-    # Focal-T at 64 px: four distinct block shapes (the last two with shrunk windows), four variants each (the
+    # Focal-T at 64 px: four distinct block shapes (the last two with shrunk windows), three variants each (the
     # box too: every Focal-T block's fine keys form one), index_select the baseline
-    assert [row[1] for row in rows] == ["index_select", "rows", "embedding", "box"] * 4
+    assert [row[1] for row in rows] == ["index_select", "embedding", "box"] * 4
     assert rows[0][0] == "stage 1: 9 windows x 224 keys" and rows[0][4] == "1.00x / 1.00x"
     assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
     # Focal-fast-T has no box variant
     assert gather_kernels.main([*args, "--model", "focal-fast-tiny"]) == 0
-    assert {line.split(" | ")[1] for line in capsys.readouterr().out.splitlines()[2:]} == {
-        "index_select",
-        "rows",
-        "embedding",
-    }
+    assert {line.split(" | ")[1] for line in capsys.readouterr().out.splitlines()[2:]} == {"index_select", "embedding"}
     # a variant that takes the wrong rows is reported and fails the run
     variants = gather_kernels.variants
 
@@ -301,7 +321,7 @@ def test_gather_kernels_time_every_variant_and_catch_a_wrong_one(capsys, monkeyp
         found = variants(block, batch_size, device)
         index_select = found["index_select"]
         shifted = gather_kernels.Variant(
-            index_select.key_index, index_select.prepare, lambda source: index_select.gather(source.roll(1, dims=2))
+            index_select.key_index, index_select.prepare, lambda source: index_select.gather(source.roll(1, dims=1))
         )
         return {**found, "shifted": shifted}
 

@@ -27,6 +27,7 @@ from focal_hf.modeling_focal import (
     fine_keys,
     focal_key_layout,
     folded_sdpa_attention,
+    gather_keys,
     neighbor_slots,
 )
 
@@ -268,10 +269,9 @@ def test_sdpa_equals_eager(attention_type, overrides, attn_implementation):
         torch.testing.assert_close(sdpa_grads[name], eager_grads[name], atol=1e-5, rtol=1e-4)
 
 
-def focal_sdpa_off_the_cpu(module, query, key_value, key_index, attention_mask, scaling, dropout=0.0, **kwargs):
+def focal_sdpa_off_the_cpu(module, query, key, value, key_index, attention_mask, scaling, dropout=0.0, **kwargs):
     """`focal_sdpa` as it runs on a GPU (`folded_sdpa_attention`), here on the CPU."""
-    num_heads = attention_mask.shape[1]
-    return folded_sdpa_attention(query, key_value, key_index, attention_mask, num_heads, scaling, dropout), None
+    return folded_sdpa_attention(query, key, value, key_index, attention_mask, scaling, dropout), None
 
 
 focal_sdpa_off_the_cpu.gathers_keys = True
@@ -305,64 +305,110 @@ def test_folded_attention_equals_eager_with_shift(attention_type, size, checkpoi
     (logits, input_grad, grads), (folded_logits, folded_input_grad, folded_grads) = results
     assert len(grads) == len(list(eager.parameters()))  # every parameter, the bias tables and MLPs included
     tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=5e-2)
+    largest = max(float(gradient.abs().max()) for gradient in grads.values())
     torch.testing.assert_close(folded_logits, logits, **tolerance)
     torch.testing.assert_close(folded_input_grad, input_grad, **tolerance)
     for name in grads:
         if dtype == torch.float32:
             torch.testing.assert_close(folded_grads[name], grads[name], **tolerance, msg=name)
-        else:  # bfloat16: rounding differs between the paths; the gradients point the same way
+        else:  # bfloat16: rounding differs between the paths; the gradients point the same way, but for those
+            # that are rounding noise (under 1/10,000 of the largest: sums that nearly cancel, such as the gradient of
+            # a bias added to every logit of a focal level)
             cosine = torch.nn.functional.cosine_similarity(folded_grads[name].flatten(), grads[name].flatten(), dim=0)
-            assert cosine > 0.99 or grads[name].abs().max() < 1e-6, name
+            assert cosine > 0.99 or grads[name].abs().max() < 1e-4 * largest, name
 
 
 def folded_attention_inputs(batch_size, num_windows, num_keys, num_tokens, num_heads, head_dim):
-    """Random inputs of `folded_sdpa_attention`: key_index, query and key_value (both requiring gradients) and a
-    bias without gradient (so that PyTorch's fused CPU kernel runs)."""
+    """Random inputs of `folded_sdpa_attention`: key_index, query, key and value (all three requiring gradients) and
+    a bias without gradient (so that PyTorch's fused CPU kernel runs)."""
     torch.manual_seed(0)
-    key_index = torch.randint(0, num_tokens, (num_windows, num_keys))
+    key_index = torch.randint(0, num_tokens, (num_keys, num_windows)).t()  # stored key by key, as layouts store it
     query = torch.randn(batch_size, num_windows * 49, num_heads * head_dim, requires_grad=True)
-    key_value = torch.randn(batch_size, num_tokens, 2 * num_heads * head_dim, requires_grad=True)
+    key, value = (torch.randn(batch_size, num_tokens, num_heads * head_dim, requires_grad=True) for _ in range(2))
     bias = torch.randn(num_windows, num_heads, 49, num_keys)
-    return key_index, query, key_value, bias
+    return key_index, query, key, value, bias
 
 
 def test_folded_attention_keeps_no_gathered_keys_for_the_backward_pass():
     # what a training step holds between its forward and backward passes: the gathered keys and values are not
-    # kept (their source, the projection's output, is), yet the gradients are the same. (A bias without gradient,
-    # so that PyTorch's fused CPU kernel runs, which keeps its inputs as they are, like the GPU kernels; the bias
-    # gradient on a GPU is in benchmarks/test_gpu.py, the memory of a GPU training step in benchmarks/gpu_memory.py.)
+    # kept (their sources, the projection's keys and values, are), yet the gradients are the same. (A bias without
+    # gradient, so that PyTorch's fused CPU kernel runs, which keeps its inputs as they are, like the GPU kernels; the
+    # bias gradient on a GPU is in benchmarks/test_gpu.py, the memory of a GPU training step in
+    # benchmarks/gpu_memory.py.)
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from focal_hf.modeling_focal import fold_windows, unfold_windows
 
     batch_size, num_windows, num_keys, num_tokens, num_heads, head_dim = 4, 16, 64, 900, 2, 16
-    key_index, query, key_value, bias = folded_attention_inputs(
+    key_index, query, key, value, bias = folded_attention_inputs(
         batch_size, num_windows, num_keys, num_tokens, num_heads, head_dim
     )
 
-    def kept_keys(query, key_value, key_index, bias, num_heads, scaling):
-        query, key, value, bias = fold_windows(query, key_value, key_index, bias, num_heads)
-        output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling)
+    def kept_keys(query, key, value, key_index, bias, scaling):
+        folded = fold_windows(query, key, value, key_index, bias)
+        output = torch.nn.functional.scaled_dot_product_attention(*folded[:3], attn_mask=folded[3], scale=scaling)
         return unfold_windows(output.transpose(1, 2), num_heads)
 
     held, gradients = [], []
     for attention in (kept_keys, folded_sdpa_attention):
         tracker = MemTracker()
         with tracker:
-            output = attention(query, key_value, key_index, bias, num_heads, 0.25)
+            output = attention(query, key, value, key_index, bias, 0.25)
             held.append(tracker.get_tracker_snapshot("current")[torch.device("cpu")]["Total"])
-        gradients.append(torch.autograd.grad(output, (query, key_value), torch.ones_like(output)))
+        gradients.append(torch.autograd.grad(output, (query, key, value), torch.ones_like(output)))
     for regathered, kept in zip(gradients[1], gradients[0], strict=True):
         torch.testing.assert_close(regathered, kept, atol=1e-5, rtol=1e-5)
     gathered = 2 * batch_size * num_heads * num_windows * num_keys * head_dim * 4  # keys and values, float32
     assert held[0] - held[1] == gathered, (held, gathered)
     # a source changed in place after the forward pass is refused, as autograd refuses its own saved tensors
-    source = key_value * 1
-    output = folded_sdpa_attention(query, source, key_index, bias, num_heads, 0.25)
-    with torch.no_grad():
-        source.add_(1)
-    with pytest.raises(RuntimeError, match="modified in place after the forward pass"):
-        output.sum().backward()
+    for changed in ("key", "value"):
+        sources = {"key": key * 1, "value": value * 1}
+        output = folded_sdpa_attention(query, sources["key"], sources["value"], key_index, bias, 0.25)
+        with torch.no_grad():
+            sources[changed].add_(1)
+        with pytest.raises(RuntimeError, match="modified in place after the forward pass"):
+            output.sum().backward()
+
+
+def test_gathered_keys_take_the_layout_of_the_kernels_gradients(monkeypatch):
+    # the fused attention kernels of a GPU (memory-efficient, flash) hand back the gradients of keys and values as
+    # (batch, keys, heads, head_dim) in memory; the gathered keys are laid out so, which lets those gradients reach the
+    # gather's backward pass (index_add_ of whole rows) without a copy: on the meta device, whose implementation of
+    # the memory-efficient kernel returns the CUDA kernel's layouts, a training pass of the folded attention copies
+    # nothing in its backward pass but the query's gradient (back into window order)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    batch_size, num_windows, num_keys, num_tokens, num_heads, head_dim = 2, 16, 64, 900, 2, 16
+    key_index, *differentiated, bias = (
+        tensor.detach().to("meta")
+        for tensor in folded_attention_inputs(batch_size, num_windows, num_keys, num_tokens, num_heads, head_dim)
+    )
+    query, key, value = (tensor.requires_grad_() for tensor in differentiated)
+
+    def memory_efficient(query, key, value, attn_mask=None, dropout_p=0.0, scale=None):
+        attn_mask = attn_mask.expand(query.shape[0], -1, -1, -1)
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, attn_mask, True, dropout_p, False, scale=scale
+        )[0]
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default):
+                self.sizes.append(args[0].numel())
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", memory_efficient)
+    output = folded_sdpa_attention(query, key, value, key_index, bias, 0.25)
+    with Copies() as copies:
+        torch.autograd.grad(output.sum(), (query, key, value))
+    assert copies.sizes == [query.numel()], copies.sizes
+    folded_key = gather_keys(key, key_index, num_heads)
+    kernel_layout = torch.empty_permuted(folded_key.shape, (0, 2, 1, 3), device="meta")
+    assert folded_key.stride() == kernel_layout.stride()
 
 
 def test_compiled_folded_attention_keeps_no_gathered_keys_for_the_backward_pass():
@@ -371,7 +417,7 @@ def test_compiled_folded_attention_keeps_no_gathered_keys_for_the_backward_pass(
     from torch._dynamo.backends.common import aot_autograd
 
     batch_size, num_windows, num_keys, num_tokens, num_heads, head_dim = 2, 4, 32, 300, 2, 8
-    key_index, query, key_value, bias = folded_attention_inputs(
+    key_index, query, key, value, bias = folded_attention_inputs(
         batch_size, num_windows, num_keys, num_tokens, num_heads, head_dim
     )
     handed_over = []
@@ -384,14 +430,14 @@ def test_compiled_folded_attention_keeps_no_gathered_keys_for_the_backward_pass(
     torch._dynamo.reset()
     backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda graph_module, example_inputs: graph_module)
     compiled = torch.compile(folded_sdpa_attention, backend=backend, fullgraph=True)
-    output = compiled(query, key_value, key_index, bias, num_heads, 0.25)
-    gradients = torch.autograd.grad(output.sum(), (query, key_value))
+    output = compiled(query, key, value, key_index, bias, 0.25)
+    gradients = torch.autograd.grad(output.sum(), (query, key, value))
     expected = torch.autograd.grad(
-        folded_sdpa_attention(query, key_value, key_index, bias, num_heads, 0.25).sum(), (query, key_value)
+        folded_sdpa_attention(query, key, value, key_index, bias, 0.25).sum(), (query, key, value)
     )
     for ours, reference in zip(gradients, expected, strict=True):
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
-    assert tuple(query.shape) in handed_over and tuple(key_value.shape) in handed_over, handed_over
+    assert tuple(query.shape) in handed_over and tuple(key.shape) in handed_over, handed_over
     assert (batch_size, num_heads * num_windows, num_keys, head_dim) not in handed_over, handed_over
 
 

@@ -235,19 +235,21 @@ def pooled_neighborhood(focal_window: int, level: int) -> tuple[int, torch.Tenso
 
 def pad_keys(key_index: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad each window's keys with masked (-inf) copies of row 0 to a multiple of `KEY_ALIGNMENT` keys: attention
-    kernels then run without vector tails."""
+    kernels then run without vector tails. The index `(num_windows, num_keys)` is stored key by key (its transpose
+    is contiguous), the order in which `gather_keys` takes the keys, so that no call has to reorder it."""
     padding = -key_index.shape[-1] % KEY_ALIGNMENT
-    return F.pad(key_index, (0, padding)), F.pad(key_mask, (0, padding), value=float("-inf"))
+    key_index = copy_as(F.pad(key_index, (0, padding)).t(), key_index.shape[1] + padding, -1).t()  # key by key
+    return key_index, F.pad(key_mask, (0, padding), value=float("-inf"))
 
 
 @dataclass
 class FocalKeyLayout:
     """Where the keys of every window of a focal-attention block come from, on one map (`focal_key_layout`).
 
-    key_index (`(num_windows, num_keys)`): rows of the attention's token source (the padded, shifted map in
-        `window_partition` order, then each pooled map row-major): the window's own tokens, its distinct surrounding
-        tokens (`fine_keys`; taken with the official `torch.roll` wrap-around), then its neighbourhood on each pooled
-        map in official order; padded to a multiple of `KEY_ALIGNMENT`.
+    key_index (`(num_windows, num_keys)`, stored key by key: `pad_keys`): rows of the attention's token source (the
+        padded, shifted map in `window_partition` order, then each pooled map row-major): the window's own tokens,
+        its distinct surrounding tokens (`fine_keys`; taken with the official `torch.roll` wrap-around), then its
+        neighbourhood on each pooled map in official order; padded to a multiple of `KEY_ALIGNMENT`.
     key_mask (`(num_windows, window_size**2 or 1, num_keys)`): added to the attention logits: -100 across
         shifted-window regions on the own tokens (as the official code), -inf on pooled slots outside the map (the
         official code attends zero tokens there at -100, a weight below float precision) and on padding keys. It has
@@ -311,9 +313,9 @@ def focal_key_layout(height, width, geometry: FocalBlockGeometry, device: torch.
 class FocalFastKeyLayout:
     """Where the keys of every window of a Focal-fast block come from, on one map (`focal_fast_key_layout`).
 
-    key_index (`(num_windows, num_keys)`): rows of the attention's token source: for each focal level the
-        `focal_topk` tokens nearest to the window (fewer if the level's map has fewer), padded to a multiple of
-        `KEY_ALIGNMENT`.
+    key_index (`(num_windows, num_keys)`, stored key by key: `pad_keys`): rows of the attention's token source: for
+        each focal level the `focal_topk` tokens nearest to the window (fewer if the level's map has fewer), padded
+        to a multiple of `KEY_ALIGNMENT`.
     coords (`(num_coords, 2)`): every query-to-key offset (in tokens) that can occur on this map, a dense grid:
         each level's position MLP is evaluated on it once.
     coord_index (`list` of `(num_windows, window_size**2, num_level_keys)`, one per level): for each (window,
@@ -501,86 +503,88 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs: Unpack[TransformersKwargs],
 ):
-    """Plain attention with an additive float bias, as the official code computes it, on the windows folded into the
-    head dimension (`fold_windows`). The weights are returned as `(batch_size * num_windows, num_heads,
-    window_area, num_keys)`, the tensor the output is computed from."""
+    """Plain attention with an additive float bias, as the official code computes it, here on the windows folded into
+    the head dimension (`fold_windows`): query `(batch_size, num_windows * num_heads, queries, head_dim)`, key and
+    value `(batch_size, num_windows * num_heads, keys, head_dim)` -> the output `(batch_size, queries, num_windows *
+    num_heads, head_dim)` and the weights `(batch_size * num_windows, num_heads, queries, keys)`, a view of the
+    tensor the output is computed from (so that its gradient can be retained)."""
     attn_weights = torch.matmul(query * scaling, key.transpose(-2, -1))
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
     attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    batch_size, folded, window_area, num_keys = attn_weights.shape
-    num_heads = module.num_heads
-    # (batch_size, num_heads * num_windows, ...) -> (batch_size * num_windows, num_heads, ...)
-    heads_first = attn_weights.view(batch_size, num_heads, -1, window_area, num_keys)
-    attn_weights = copy_as(heads_first.transpose(1, 2), -1, num_heads, window_area, num_keys)
-    heads_first = attn_weights.view(batch_size, -1, num_heads, window_area, num_keys).transpose(1, 2)
-    attn_output = torch.matmul(heads_first, value.view(batch_size, num_heads, -1, num_keys, value.shape[-1]))
-    return attn_output.view(batch_size, folded, window_area, -1).transpose(1, 2).contiguous(), attn_weights
+    folded_shape = attn_weights.shape
+    attn_weights = attn_weights.view(-1, module.num_heads, *folded_shape[2:])
+    attn_output = torch.matmul(attn_weights.view(folded_shape), value)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
 def fold_windows(
-    query: torch.Tensor, key_value: torch.Tensor, key_index: torch.Tensor, bias: torch.Tensor, num_heads: int
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_index: torch.Tensor, bias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The windows' attention as one attention call with the windows folded into the head dimension.
+    """The windows' attention as one attention call with the windows folded into the head dimension, window by
+    window (folded head `window * num_heads + head`).
 
-    query `(batch_size, num_windows * window_area, dim)` (window by window), key_value `(batch_size, num_tokens,
-    2 * dim)` (the keys' and values' source), key_index `(num_windows, num_keys)`, bias `(num_windows, num_heads,
-    window_area, num_keys)` -> query `(batch_size, num_heads * num_windows, window_area, head_dim)`, key and value
-    `(batch_size, num_heads * num_windows, num_keys, head_dim)` and the bias `(1, num_heads * num_windows,
-    window_area, num_keys)`, which broadcasts over the batch (one copy whatever the batch size). Head-major: the
-    source is laid out head by head first (a copy of the tokens), so that the keys and values are gathered straight
-    into their places, and their gradients flow back through the gather alone, never through a copy of the gathered
-    keys (which are several times the tokens).
+    query `(batch_size, num_windows * window_area, dim)` (window by window), key and value `(batch_size, num_tokens,
+    dim)` (the keys' and values' source), key_index `(num_windows, num_keys)`, bias `(num_windows, num_heads,
+    window_area, num_keys)` -> query `(batch_size, num_windows * num_heads, window_area, head_dim)`, key and value
+    `(batch_size, num_windows * num_heads, num_keys, head_dim)` (`gather_keys`) and the bias `(1, num_windows *
+    num_heads, window_area, num_keys)`, a view that broadcasts over the batch (one copy whatever the batch size).
+    The query is copied into the layout in which fused attention kernels read it and hand back its gradient,
+    `(batch_size, window_area, num_windows * num_heads, head_dim)` in memory.
     """
-    batch_size, num_windows = key_value.shape[0], key_index.shape[0]
-    head_dim = key_value.shape[-1] // (2 * num_heads)
-    query = query.view(batch_size, -1, num_heads, head_dim).transpose(1, 2)
-    query = copy_as(query, batch_size, num_heads * num_windows, -1, head_dim)
-    key, value = gather_keys(key_value, key_index, num_heads)
-    bias = copy_as(bias.transpose(0, 1), 1, num_heads * num_windows, *bias.shape[2:])
-    return query, key, value, bias
+    batch_size, num_windows = query.shape[0], key_index.shape[0]
+    num_heads = bias.shape[1]
+    window_area = bias.shape[2]
+    head_dim = query.shape[-1] // num_heads
+    query = query.view(batch_size, num_windows, window_area, -1).transpose(1, 2)
+    query = copy_as(query, batch_size, window_area, num_windows * num_heads, head_dim).transpose(1, 2)
+    key, value = (gather_keys(source, key_index, num_heads) for source in (key, value))
+    # (flatten, not `view(1, num_windows * num_heads, ...)`, which torch.export 2.13 traced as the unchanged bias on
+    # maps of one window with symbolic sizes)
+    return query, key, value, bias.flatten(0, 1)[None]
 
 
-def gather_keys(key_value: torch.Tensor, key_index: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys and values of `fold_windows`: key_value `(batch_size, num_tokens, 2 * dim)`, key_index
-    `(num_windows, num_keys)` -> key and value `(batch_size, num_heads * num_windows, num_keys, head_dim)`."""
-    batch_size, num_tokens = key_value.shape[:2]
+def gather_keys(source: torch.Tensor, key_index: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The keys (or values) of `fold_windows`: source `(batch_size, num_tokens, dim)`, key_index `(num_windows,
+    num_keys)` -> `(batch_size, num_windows * num_heads, num_keys, head_dim)`, a view of one gather of whole rows
+    taken key by key: `(batch_size, num_keys, num_windows * num_heads, head_dim)` in memory, the layout in which
+    fused attention kernels (memory-efficient, flash) hand back the gradients of keys and values, so that the
+    gradient reaches the gather's backward pass (`index_add_` of whole rows) without a copy."""
+    batch_size, _, dim = source.shape
     num_windows, num_keys = key_index.shape
-    head_dim = key_value.shape[-1] // (2 * num_heads)
-    source = key_value.view(batch_size, num_tokens, 2, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-    key, value = (
-        rows.index_select(2, key_index.flatten()).view(batch_size, num_heads * num_windows, num_keys, head_dim)
-        for rows in copy_as(source, 2, batch_size, num_heads, num_tokens, head_dim).unbind(0)
-    )
-    return key, value
+    gathered = source.index_select(1, key_index.t().reshape(-1))
+    return gathered.view(batch_size, num_keys, num_windows * num_heads, dim // num_heads).transpose(1, 2)
 
 
 def unfold_windows(attn_output: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """An attention interface's output `(batch_size, window_area, num_heads * num_windows, head_dim)` (for the
+    """An attention interface's output `(batch_size, window_area, num_windows * num_heads, head_dim)` (for the
     inputs of `fold_windows`) -> `(batch_size, num_windows * window_area, dim)`."""
     batch_size, window_area, folded, head_dim = attn_output.shape
-    attn_output = attn_output.view(batch_size, window_area, num_heads, folded // num_heads, head_dim)
-    return copy_as(attn_output.permute(0, 3, 1, 2, 4), batch_size, -1, num_heads * head_dim)
+    attn_output = attn_output.view(batch_size, window_area, folded // num_heads, num_heads, head_dim)
+    return copy_as(attn_output.transpose(1, 2), batch_size, -1, num_heads * head_dim)
 
 
 def split_heads(
-    query: torch.Tensor, key_value: torch.Tensor, key_index: torch.Tensor, num_heads: int
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_index: torch.Tensor, num_heads: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One image's attention inputs: query `(num_windows * window_area, dim)`, key_value `(num_tokens, 2 * dim)`
-    -> the query `(num_windows, num_heads, window_area, head_dim)` and the gathered keys and values `(num_windows,
-    num_heads, num_keys, head_dim)` (strided views; one gather of whole rows)."""
+    """One image's attention inputs: query `(num_windows * window_area, dim)`, key and value `(num_tokens, dim)` ->
+    the query `(num_windows, num_heads, window_area, head_dim)` and the gathered keys and values `(num_windows,
+    num_heads, num_keys, head_dim)` (strided views; one gather of whole rows each)."""
     num_windows, num_keys = key_index.shape
     head_dim = query.shape[-1] // num_heads
     query = query.view(num_windows, -1, num_heads, head_dim).transpose(1, 2)
-    gathered = key_value.index_select(0, key_index.flatten()).view(num_windows, num_keys, 2, num_heads, head_dim)
-    key, value = gathered.permute(2, 0, 3, 1, 4).unbind(0)
+    key, value = (
+        source.index_select(0, key_index.flatten()).view(num_windows, num_keys, num_heads, head_dim).transpose(1, 2)
+        for source in (key, value)
+    )
     return query, key, value
 
 
 def _cpu_gathered_attention(
     query: torch.Tensor,
-    key_value: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
     bias: torch.Tensor,
     key_index: torch.Tensor,
     num_heads: int,
@@ -588,17 +592,18 @@ def _cpu_gathered_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over gathered keys on CPU, one image at a time, with PyTorch's fused (flash) CPU kernel.
 
-    query `(batch_size, num_windows * window_area, dim)`, key_value `(batch_size, num_tokens, 2 * dim)`, bias
+    query `(batch_size, num_windows * window_area, dim)`, key and value `(batch_size, num_tokens, dim)`, bias
     `(num_windows, num_heads, window_area, num_keys)`, key_index `(num_windows, num_keys)` -> the output
     `(batch_size, num_windows * window_area, dim)` and its log-sum-exp `(batch_size, num_windows, num_heads,
     window_area)` (float32).
     """
     num_windows, _, window_area, _ = bias.shape
+    key_index = key_index.contiguous()  # window by window (layouts store it key by key), once for every image
     output = torch.empty_like(query)
     logsumexp = query.new_empty(len(query), num_windows, num_heads, window_area, dtype=torch.float32)
     for image in range(len(query)):
         image_output, logsumexp[image] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            *split_heads(query[image], key_value[image], key_index, num_heads), attn_mask=bias, scale=scaling
+            *split_heads(query[image], key[image], value[image], key_index, num_heads), attn_mask=bias, scale=scaling
         )
         output[image].view(image_output.transpose(1, 2).shape).copy_(image_output.transpose(1, 2))
     return output, logsumexp
@@ -607,25 +612,28 @@ def _cpu_gathered_attention(
 def _cpu_gathered_attention_backward(
     grad_output: torch.Tensor,
     query: torch.Tensor,
-    key_value: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
     bias: torch.Tensor,
     key_index: torch.Tensor,
     output: torch.Tensor,
     logsumexp: torch.Tensor,
     num_heads: int,
     scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `query`, `key_value` and `bias`, recomputing each image's gathered keys and attention matrix."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `query`, `key`, `value` and `bias`, recomputing each image's gathered keys and attention
+    matrix."""
     num_windows, num_keys = key_index.shape
+    key_index = key_index.contiguous()  # (as in the forward pass)
     compute_dtype = torch.promote_types(query.dtype, torch.float32)  # low precision: recompute in float32
     grad_query = torch.empty_like(query)
-    grad_key_value = torch.empty_like(key_value)
+    grad_key, grad_value = torch.empty_like(key), torch.empty_like(value)
     grad_bias = torch.zeros_like(bias, dtype=compute_dtype)
-    grad_rows = key_value.new_empty(num_windows, num_keys, 2, num_heads, query.shape[-1] // num_heads)
+    grad_rows = key.new_empty(num_windows, num_keys, num_heads, query.shape[-1] // num_heads)
     for image in range(len(query)):
         image_query, keys, values = (
             tensor.to(compute_dtype).contiguous()
-            for tensor in split_heads(query[image], key_value[image], key_index, num_heads)
+            for tensor in split_heads(query[image], key[image], value[image], key_index, num_heads)
         )
         image_output, image_grad = (
             tensor[image].view(num_windows, -1, num_heads, image_query.shape[-1]).transpose(1, 2).to(compute_dtype)
@@ -638,19 +646,22 @@ def _cpu_gathered_attention_backward(
         grad_bias += grad_scores
         image_grad_query = torch.matmul(grad_scores, keys).mul_(scaling).transpose(1, 2)
         grad_query[image].view(image_grad_query.shape).copy_(image_grad_query)
-        grad_rows[:, :, 0] = torch.matmul(grad_scores.transpose(-1, -2), image_query).mul_(scaling).transpose(1, 2)
-        grad_rows[:, :, 1] = torch.matmul(probs.transpose(-1, -2), image_grad).transpose(1, 2)
-        grad_key_value[image].zero_().index_add_(0, key_index.flatten(), grad_rows.view(num_windows * num_keys, -1))
-    return grad_query, grad_key_value, grad_bias.to(bias.dtype)
+        for grad_source, grad_gathered in (
+            (grad_key, torch.matmul(grad_scores.transpose(-1, -2), image_query).mul_(scaling)),
+            (grad_value, torch.matmul(probs.transpose(-1, -2), image_grad)),
+        ):
+            grad_rows.copy_(grad_gathered.transpose(1, 2))
+            grad_source[image].zero_().index_add_(0, key_index.flatten(), grad_rows.view(num_windows * num_keys, -1))
+    return grad_query, grad_key, grad_value, grad_bias.to(bias.dtype)
 
 
 def _register_cpu_gathered_attention():
-    """`cpu_gathered_attention(query, key_value, bias, key_index, num_heads, scaling) -> (output, logsumexp)` as a
+    """`cpu_gathered_attention(query, key, value, bias, key_index, num_heads, scaling) -> (output, logsumexp)` as a
     PyTorch custom op with its own backward pass. The forward runs the fused CPU kernel image by image on keys
-    gathered from `key_value`; the backward recomputes the gathered keys and attention matrices rather than storing
-    them, and differentiates the bias: the fused CPU kernel gives no bias gradient, so autograd would fall back to
-    the unfused path and keep every attention matrix and gathered key. For `torch.compile` it is one opaque node.
-    Registered once per process (the same code may also be imported as Hub remote code)."""
+    gathered from `key` and `value`; the backward recomputes the gathered keys and attention matrices rather than
+    storing them, and differentiates the bias: the fused CPU kernel gives no bias gradient, so autograd would fall
+    back to the unfused path and keep every attention matrix and gathered key. For `torch.compile` it is one opaque
+    node. Registered once per process (the same code may also be imported as Hub remote code)."""
     if hasattr(torch.ops.focal_transformer, "cpu_gathered_attention"):
         return torch.ops.focal_transformer.cpu_gathered_attention
     forward = torch.library.custom_op("focal_transformer::cpu_gathered_attention", mutates_args=())(
@@ -661,17 +672,17 @@ def _register_cpu_gathered_attention():
     )
 
     @forward.register_fake
-    def _(query, key_value, bias, key_index, num_heads, scaling):
+    def _(query, key, value, bias, key_index, num_heads, scaling):
         shape = (query.shape[0], bias.shape[0], num_heads, bias.shape[2])
         return torch.empty_like(query), query.new_empty(shape, dtype=torch.float32)
 
     @backward.register_fake
-    def _(grad_output, query, key_value, bias, key_index, output, logsumexp, num_heads, scaling):
-        return torch.empty_like(query), torch.empty_like(key_value), torch.empty_like(bias)
+    def _(grad_output, query, key, value, bias, key_index, output, logsumexp, num_heads, scaling):
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), torch.empty_like(bias)
 
     def setup_context(ctx, inputs, output):
-        query, key_value, bias, key_index, ctx.num_heads, ctx.scaling = inputs
-        ctx.save_for_backward(query, key_value, bias, key_index, *output)
+        query, key, value, bias, key_index, ctx.num_heads, ctx.scaling = inputs
+        ctx.save_for_backward(query, key, value, bias, key_index, *output)
 
     def differentiate(ctx, grad_output, grad_logsumexp):
         grads = backward(grad_output, *ctx.saved_tensors, ctx.num_heads, ctx.scaling)
@@ -687,7 +698,8 @@ cpu_gathered_attention = _register_cpu_gathered_attention()
 def focal_sdpa_attention(
     module: nn.Module,
     query: torch.Tensor,
-    key_value: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
     key_index: torch.Tensor,
     attention_mask: torch.Tensor,
     scaling: float,
@@ -695,9 +707,10 @@ def focal_sdpa_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The default attention of Focal models, `attn_implementation="focal_sdpa"`: scaled-dot-product attention of
-    every window over the keys it gathers from `key_value` by `key_index`, with `attention_mask` as additive bias.
+    every window over the keys and values it gathers from `key` and `value` by `key_index`, with `attention_mask` as
+    additive bias.
 
-    query `(batch_size, num_windows * window_area, dim)`, key_value `(batch_size, num_tokens, 2 * dim)`, key_index
+    query `(batch_size, num_windows * window_area, dim)`, key and value `(batch_size, num_tokens, dim)`, key_index
     `(num_windows, num_keys)`, attention_mask `(num_windows, num_heads, window_area, num_keys)` -> the output
     `(batch_size, num_windows * window_area, dim)` and `None`.
 
@@ -708,16 +721,16 @@ def focal_sdpa_attention(
     """
     num_heads = attention_mask.shape[1]
     if query.device.type == "cpu" and dropout == 0.0 and not torch.compiler.is_exporting():
-        return cpu_gathered_attention(query, key_value, attention_mask, key_index, num_heads, scaling)[0], None
-    return folded_sdpa_attention(query, key_value, key_index, attention_mask, num_heads, scaling, dropout), None
+        return cpu_gathered_attention(query, key, value, attention_mask, key_index, num_heads, scaling)[0], None
+    return folded_sdpa_attention(query, key, value, key_index, attention_mask, scaling, dropout), None
 
 
 def folded_sdpa_attention(
     query: torch.Tensor,
-    key_value: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
     key_index: torch.Tensor,
     bias: torch.Tensor,
-    num_heads: int,
     scaling: float,
     dropout: float = 0.0,
 ) -> torch.Tensor:
@@ -725,47 +738,54 @@ def folded_sdpa_attention(
     into the head dimension (`fold_windows`), the bias broadcast over the batch. Shapes as `focal_sdpa_attention`.
 
     The gathered keys and values are several times the tokens. With autograd they are not kept for the backward
-    pass: `key_value` is, and they are gathered again when the backward pass needs them (`RegatheredKeys`; under
-    `torch.compile`, the same by selective activation checkpointing, `recompute_folding`). A bf16 training step of
-    Focal-T at batch 64 then holds an estimated 1.05x Swin-T's memory instead of 1.30x (`benchmarks/gpu_memory.py`)."""
+    pass: their sources `key` and `value` are, and they are gathered again when the backward pass needs them
+    (`RegatheredKeys`; under `torch.compile`, the same by selective activation checkpointing, `recompute_folding`).
+    A bf16 training step of Focal-T at batch 64 then holds an estimated 1.05x Swin-T's memory instead of 1.30x
+    (`benchmarks/gpu_memory.py`)."""
     if torch.is_grad_enabled() and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return checkpoint(
             _folded_sdpa,
             query,
-            key_value,
+            key,
+            value,
             key_index,
             bias,
-            num_heads,
             scaling,
             dropout,
             use_reentrant=False,
             context_fn=recompute_folding,
         )
-    return _folded_sdpa(query, key_value, key_index, bias, num_heads, scaling, dropout)
+    return _folded_sdpa(query, key, value, key_index, bias, scaling, dropout)
 
 
-def _folded_sdpa(query, key_value, key_index, bias, num_heads, scaling, dropout):
-    query, key, value, bias = fold_windows(query, key_value, key_index, bias, num_heads)
+def _folded_sdpa(query, key, value, key_index, bias, scaling, dropout):
+    num_heads = bias.shape[1]
+    folded_query, folded_key, folded_value, folded_bias = fold_windows(query, key, value, key_index, bias)
     regather = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    with RegatheredKeys(key, value, key_value, key_index, num_heads) if regather else contextlib.nullcontext():
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
+    hooks = RegatheredKeys((folded_key, folded_value), (key, value), key_index, num_heads) if regather else None
+    with hooks or contextlib.nullcontext():
+        output = F.scaled_dot_product_attention(
+            folded_query, folded_key, folded_value, attn_mask=folded_bias, dropout_p=dropout, scale=scaling
+        )
     return unfold_windows(output.transpose(1, 2), num_heads)
 
 
 class RegatheredKeys(torch.autograd.graph.saved_tensors_hooks):
-    """Saved-tensor hooks under which autograd keeps, in place of the gathered `key` and `value`, their source
-    `key_value` (a fraction of their size), and gathers them again (`gather_keys`) when the backward pass unpacks
-    them; they are freed after that use. Only these two tensors are replaced: anything else is saved as usual."""
+    """Saved-tensor hooks under which autograd keeps, in place of the gathered keys and values, their sources (a
+    fraction of their size), and gathers them again (`gather_keys`) when the backward pass unpacks them; they are
+    freed after that use. Only these tensors are replaced: anything else is saved as usual."""
 
-    def __init__(self, key, value, key_value: torch.Tensor, key_index: torch.Tensor, num_heads: int):
-        source = (key_value, key_value._version, key_index, num_heads)
-        regathered = {}  # shared by the two: one gather when the first is unpacked
-        gathered = (weakref.ref(key), weakref.ref(value))  # (autograd keeps the hooks as long as what they packed)
+    def __init__(self, gathered, sources, key_index: torch.Tensor, num_heads: int):
+        # (weak references: autograd keeps the hooks as long as what they packed)
+        replaced = [
+            (weakref.ref(tensor), (source, source._version, key_index, num_heads))
+            for tensor, source in zip(gathered, sources, strict=True)
+        ]
 
         def pack(tensor):
-            for which, reference in enumerate(gathered):
+            for reference, source in replaced:
                 if tensor is reference():
-                    return which, source, regathered
+                    return source
             return tensor
 
         super().__init__(pack, _unpack_regathered)
@@ -774,15 +794,13 @@ class RegatheredKeys(torch.autograd.graph.saved_tensors_hooks):
 def _unpack_regathered(packed):
     if isinstance(packed, torch.Tensor):
         return packed
-    which, (key_value, version, key_index, num_heads), regathered = packed
-    if key_value._version != version:
+    source, version, key_index, num_heads = packed
+    if source._version != version:
         raise RuntimeError(
             "The keys and values of a focal attention call are gathered again for the backward pass, but their "
-            f"source was modified in place after the forward pass (version {version}, now {key_value._version})."
+            f"source was modified in place after the forward pass (version {version}, now {source._version})."
         )
-    if not regathered:
-        regathered.update(enumerate(gather_keys(key_value, key_index, num_heads)))
-    return regathered.pop(which)
+    return gather_keys(source, key_index, num_heads)
 
 
 def _store_attention_kernels_only(context, operator, *args, **kwargs) -> CheckpointPolicy:
@@ -862,15 +880,26 @@ class FocalWindowPooling(nn.Module):
         return [self.pool_level(hidden_states, level) for level in range(self.num_levels)]
 
 
+def autocast_input(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in the dtype that autocast, where it is enabled, gives the inputs of matrix products: cast once for
+    several products, where autocast would cast it for each. Itself otherwise."""
+    device = tensor.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return tensor.to(torch.get_autocast_dtype(device))
+    return tensor
+
+
 class FocalQKVProjection(nn.Linear):
     """The query/key/value projection (one weight, as the official `qkv`), called as a module: the queries of the
-    fine tokens `(batch_size, num_fine, dim)` and the keys and values of all tokens `(batch_size, num_tokens, 2 * dim)`
-    (the pooled tokens need no queries)."""
+    fine tokens `(batch_size, num_fine, dim)` and the keys and values of all tokens `(batch_size, num_tokens, dim)`
+    each (the pooled tokens need no queries). Keys and values are separate products, each with its rows whole and
+    contiguous: the rows the attention gathers."""
 
-    def forward(self, fine: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dim = self.in_features
-        bias = (None, None) if self.bias is None else (self.bias[:dim], self.bias[dim:])
-        return F.linear(fine, self.weight[:dim], bias[0]), F.linear(tokens, self.weight[dim:], bias[1])
+    def forward(self, fine: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        weights = self.weight.chunk(3)
+        biases = (None, None, None) if self.bias is None else self.bias.chunk(3)
+        query = F.linear(fine, weights[0], biases[0])
+        return query, F.linear(tokens, weights[1], biases[1]), F.linear(tokens, weights[2], biases[2])
 
 
 class FocalAttentionBase(nn.Module):
@@ -957,47 +986,48 @@ class FocalAttentionBase(nn.Module):
         layout = self.key_layout(*input_dimensions, hidden_states.device)
         # the fine tokens window by window give the queries; with the pooled tokens after them they are the source
         # that each window gathers its keys and values from (`layout.key_index`)
-        fine = window_partition(hidden_states, self.geometry.window_size)
-        tokens = torch.cat([fine] + [pooled.flatten(1, 2) for pooled in pooled_states], dim=1)
-        query, key_value = self.qkv(fine, tokens)
+        fine = autocast_input(window_partition(hidden_states, self.geometry.window_size))
+        tokens = torch.cat([fine] + [autocast_input(pooled.flatten(1, 2)) for pooled in pooled_states], dim=1)
+        query, key, value = self.qkv(fine, tokens)
         bias = self.cached_attention_bias(layout, query.dtype)
-        attn_output, attn_weights = self.attend(query, key_value, layout.key_index, bias, **kwargs)
+        attn_output, attn_weights = self.attend(query, key, value, layout.key_index, bias, **kwargs)
         attn_output = self.proj_dropout(self.proj(attn_output))
         return window_reverse(attn_output, self.geometry.window_size, height, width), attn_weights
 
     def attend(
         self,
         query: torch.Tensor,
-        key_value: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
         key_index: torch.Tensor,
         bias: torch.Tensor,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The attention through the configured attention function: query `(batch_size, num_windows * window_area,
-        dim)`, key_value `(batch_size, num_tokens, 2 * dim)`, key_index `(num_windows, num_keys)`, bias
+        dim)`, key and value `(batch_size, num_tokens, dim)`, key_index `(num_windows, num_keys)`, bias
         `(num_windows, num_heads, window_area, num_keys)` -> the output `(batch_size, num_windows * window_area, dim)`
-        and, if eager, the weights `(batch_size * num_windows, num_heads, window_area, num_keys)`.
+        and, if the function returns them (eager), the weights `(batch_size * num_windows, num_heads, window_area,
+        num_keys)`.
 
-        An attention function that gathers the keys itself (`focal_sdpa_attention`) gets the key/value source;
-        any other (eager, sdpa, flex, or one registered with transformers' `AttentionInterface`) gets one call with
-        the windows folded into the head dimension (`fold_windows`)."""
+        An attention function that gathers the keys itself (`focal_sdpa_attention`) gets the keys' and values'
+        sources; any other (eager, sdpa, flex, or one registered with transformers' `AttentionInterface`) gets one
+        call with the windows folded into the head dimension (`fold_windows`)."""
         dropout = self.attention_dropout if self.training else 0.0
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
         if getattr(attention_interface, "gathers_keys", False):
             return attention_interface(
-                self, query, key_value, key_index, bias, scaling=self.scaling, dropout=dropout, **kwargs
+                self, query, key, value, key_index, bias, scaling=self.scaling, dropout=dropout, **kwargs
             )
-        query, key, value, bias = fold_windows(query, key_value, key_index, bias, self.num_heads)
+        query, key, value, bias = fold_windows(query, key, value, key_index, bias)
         attn_output, attn_weights = attention_interface(
             self, query, key, value, bias, dropout=dropout, scaling=self.scaling, **kwargs
         )
         if attn_weights is not None and attn_weights.shape[1] != self.num_heads:  # (not eager_attention_forward's)
-            # an interface's weights of the folded windows (batch_size, num_heads * num_windows, ...) ->
+            # an interface's weights of the folded windows (batch_size, num_windows * num_heads, ...) ->
             # (batch_size * num_windows, num_heads, ...)
-            folded = attn_weights.view(attn_weights.shape[0], self.num_heads, -1, *attn_weights.shape[2:])
-            attn_weights = folded.transpose(1, 2).flatten(0, 1)
+            attn_weights = attn_weights.unflatten(1, (-1, self.num_heads)).flatten(0, 1)
         return unfold_windows(attn_output, self.num_heads), attn_weights
 
 
