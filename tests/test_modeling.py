@@ -438,12 +438,12 @@ def test_compiled_folded_attention_keeps_no_gathered_keys_for_the_backward_pass(
     for ours, reference in zip(gradients, expected, strict=True):
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
     assert tuple(query.shape) in handed_over and tuple(key.shape) in handed_over, handed_over
-    assert (batch_size, num_heads * num_windows, num_keys, head_dim) not in handed_over, handed_over
+    assert (batch_size, num_windows * num_heads, num_keys, head_dim) not in handed_over, handed_over
 
 
 def test_attention_weights_of_a_registered_function_are_unfolded():
     # a function registered with AttentionInterface that returns its weights in the folded layout it was called
-    # with, (batch, heads * windows, queries, keys): the model hands them out as the eager ones,
+    # with, (batch, windows * heads, queries, keys): the model hands them out as the eager ones,
     # (batch * windows, heads, queries, keys)
     def folded_weights_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         weights = torch.softmax(query @ key.transpose(-1, -2) * scaling + attention_mask, dim=-1)
