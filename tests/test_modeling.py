@@ -441,6 +441,29 @@ def test_compiled_folded_attention_keeps_no_gathered_keys_for_the_backward_pass(
     assert (batch_size, num_windows * num_heads, num_keys, head_dim) not in handed_over, handed_over
 
 
+def test_cpu_op_is_registered_beside_the_older_signature():
+    # older remote code registers `focal_transformer::cpu_gathered_attention` taking keys and values together; a
+    # process that imports it and this code (the Hub and the package) runs both: this op has a name of its own
+    if not hasattr(torch.ops.focal_transformer, "cpu_gathered_attention"):
+
+        @torch.library.custom_op("focal_transformer::cpu_gathered_attention", mutates_args=())
+        def older(
+            query: torch.Tensor,
+            key_value: torch.Tensor,
+            bias: torch.Tensor,
+            key_index: torch.Tensor,
+            num_heads: int,
+            scaling: float,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return query.clone(), query.new_zeros(0)
+
+    op = modeling_focal._register_cpu_gathered_attention()
+    assert op is torch.ops.focal_transformer.cpu_gathered_attention_2
+    assert "Tensor key, Tensor value" in str(op.default._schema)
+    model = make(FocalForImageClassification, "focal").train()
+    model(torch.randn(2, 3, 64, 64), labels=torch.tensor([0, 1])).loss.backward()
+
+
 def test_attention_weights_of_a_registered_function_are_unfolded():
     # a function registered with AttentionInterface that returns its weights in the folded layout it was called
     # with, (batch, windows * heads, queries, keys): the model hands them out as the eager ones,

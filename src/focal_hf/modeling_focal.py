@@ -45,6 +45,8 @@ MASK_VALUE = -100.0
 CPU_CHUNK_BYTES = 8 * 2**20
 # Keys per window are padded (with masked keys) to a multiple of this: attention kernels then run without vector tails.
 KEY_ALIGNMENT = 16
+# The name of the CPU attention op in the `focal_transformer` namespace (`cpu_gathered_attention`), one per signature.
+CPU_ATTENTION_OP = "cpu_gathered_attention_2"
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
@@ -661,13 +663,15 @@ def _register_cpu_gathered_attention():
     gathered from `key` and `value`; the backward recomputes the gathered keys and attention matrices rather than
     storing them, and differentiates the bias: the fused CPU kernel gives no bias gradient, so autograd would fall
     back to the unfused path and keep every attention matrix and gathered key. For `torch.compile` it is one opaque
-    node. Registered once per process (the same code may also be imported as Hub remote code)."""
-    if hasattr(torch.ops.focal_transformer, "cpu_gathered_attention"):
-        return torch.ops.focal_transformer.cpu_gathered_attention
-    forward = torch.library.custom_op("focal_transformer::cpu_gathered_attention", mutates_args=())(
+    node. Registered once per process (the same code may also be imported as Hub remote code), as
+    `focal_transformer::cpu_gathered_attention_2`: the second signature (separate keys and values), so that a process
+    that also imports older remote code, whose op takes them together under the first name, runs both."""
+    if hasattr(torch.ops.focal_transformer, CPU_ATTENTION_OP):
+        return getattr(torch.ops.focal_transformer, CPU_ATTENTION_OP)
+    forward = torch.library.custom_op(f"focal_transformer::{CPU_ATTENTION_OP}", mutates_args=())(
         _cpu_gathered_attention
     )
-    backward = torch.library.custom_op("focal_transformer::cpu_gathered_attention_backward", mutates_args=())(
+    backward = torch.library.custom_op(f"focal_transformer::{CPU_ATTENTION_OP}_backward", mutates_args=())(
         _cpu_gathered_attention_backward
     )
 
@@ -689,7 +693,7 @@ def _register_cpu_gathered_attention():
         return *grads, None, None, None
 
     forward.register_autograd(differentiate, setup_context=setup_context)
-    return torch.ops.focal_transformer.cpu_gathered_attention
+    return getattr(torch.ops.focal_transformer, CPU_ATTENTION_OP)
 
 
 cpu_gathered_attention = _register_cpu_gathered_attention()
