@@ -5,12 +5,19 @@ machine's drift and the heap's state affect both alike.
     python benchmarks/ablation.py --without inference-bias-cache            # Focal-T; infer-1, infer-8, train-8
     python benchmarks/ablation.py --model focal-fast-tiny --without cpu-chunking --modes infer-8 --steps 30
     python benchmarks/ablation.py --device cuda --dtype bf16 --without regathered-keys --modes train-64
+    git archive 0143432 src/focal_hf | tar -x -C /tmp/before      # another version of the package, then:
+    python benchmarks/ablation.py --device cuda --dtype bf16 --against /tmp/before/src/focal_hf --modes train-64
 
 For each mode it prints both speeds (medians) and the speed-up the mechanisms give: the median over step pairs of
 (time without) / (time with), with its interquartile range; a mechanism whose range lies above 1.03 is worth more
 than 3 %. On CUDA (steps timed between synchronisations; precision as `benchmark.py --dtype`) it also prints each
 model's peak memory of a training step, over what it held before; on CPU peak memory needs a process per
 measurement (`benchmark.py --without`).
+
+`--against DIR` compares this version of the package with another instead (DIR: that version's `focal_hf` folder),
+imported beside it as `focal_hf_other`, its model built with the same weights and run with its own default
+attention (registered as "focal_sdpa_other"); the columns are then this version and the other, the speed-up this
+version's. (Importing it maps transformers' Auto classes to its classes; this script does not use them.)
 """
 
 from __future__ import annotations
@@ -67,10 +74,35 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return first, median, third
 
 
+def import_other_version(package_dir: str):
+    """The `focal_hf` package in `package_dir` imported as `focal_hf_other`, its default attention function
+    registered as "focal_sdpa_other" (this version's stays "focal_sdpa")."""
+    import importlib
+    import os
+    import sys
+    import tempfile
+
+    from transformers import AttentionInterface
+
+    from focal_hf import modeling_focal
+
+    if not os.path.isfile(os.path.join(package_dir, "modeling_focal.py")):
+        raise SystemExit(f"--against: expected a focal_hf package folder (with modeling_focal.py), got {package_dir}")
+    links = tempfile.mkdtemp(prefix="focal_hf_other_")
+    os.symlink(os.path.abspath(package_dir), os.path.join(links, "focal_hf_other"))
+    sys.path.insert(0, links)
+    other = importlib.import_module("focal_hf_other")
+    AttentionInterface.register("focal_sdpa_other", other.modeling_focal.focal_sdpa_attention)
+    AttentionInterface.register("focal_sdpa", modeling_focal.focal_sdpa_attention)
+    return other
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="focal-tiny", choices=[name for name in MODELS if name != REFERENCE])
-    parser.add_argument("--without", nargs="+", required=True, choices=sorted(MECHANISMS))
+    compared = parser.add_mutually_exclusive_group(required=True)
+    compared.add_argument("--without", nargs="+", choices=sorted(MECHANISMS))
+    compared.add_argument("--against", metavar="DIR", help="another version's focal_hf package folder")
     parser.add_argument("--modes", nargs="+", type=mode_type, help="default: as benchmark.py on the device")
     parser.add_argument("--image-size", type=positive_int, default=224)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -92,14 +124,26 @@ def main():
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with_them = build_model(args.model, args.image_size)
-    models = {"with": with_them, "without": turn_off(copy.deepcopy(with_them), tuple(args.without))}
+    if args.against:
+        other = import_other_version(args.against)
+        config = other.official_config(args.model, image_size=args.image_size, num_labels=1000)
+        without = other.FocalForImageClassification(config)
+        without.load_state_dict(with_them.state_dict())
+        without.set_attn_implementation("focal_sdpa_other")
+        compared = f"this version and the one in {args.against}"
+        columns = ("this", "other", "speed-up of this version")
+    else:
+        without = turn_off(copy.deepcopy(with_them), tuple(args.without))
+        compared = f"with and without {', '.join(args.without)}"
+        columns = ("with", "without", "speed-up from them")
+    models = {"with": with_them, "without": without}
     where = torch.cuda.get_device_name() if cuda else f"{args.threads} threads"
     print(
-        f"{args.model}, {args.image_size} px, {args.device} ({where}), {args.dtype}, torch {torch.__version__}: with "
-        f"and without {', '.join(args.without)}; medians of {args.steps} interleaved steps each"
+        f"{args.model}, {args.image_size} px, {args.device} ({where}), {args.dtype}, torch {torch.__version__}: "
+        f"{compared}; medians of {args.steps} interleaved steps each"
     )
-    memory_columns = " | peak MiB with | peak MiB without" if cuda else ""
-    print(f"mode     | with (img/s) | without (img/s) | speed-up from them (IQR){memory_columns}")
+    memory_columns = f" | peak MiB {columns[0]} | peak MiB {columns[1]}" if cuda else ""
+    print(f"mode     | {columns[0]} (img/s) | {columns[1]} (img/s) | {columns[2]} (IQR){memory_columns}")
     for mode in modes:
         batch_size = int(mode.split("-")[1])
         steps = {  # (on copies: a bf16 inference mode casts its model's weights)

@@ -6,8 +6,11 @@
 #    transformers stay the machine's; a transformers wheel carried in .whl/ is installed first if there is one),
 # 2. runs the GPU correctness tests, benchmarks/test_gpu.py, if that file exists,
 # 3. profiles one bf16 training step of Focal-T (the top CUDA kernels, benchmarks/profile_gpu.py),
-# 4. measures Focal-T's training step with and without the keys gathered again for the backward pass
-#    (benchmarks/ablation.py: speed, interleaved, and peak memory),
+# 4. compares Focal-T's training step (batch 64) and inference (batch 128) with those of another version of the
+#    package, if one is carried in $BASELINE (default .gpu_baseline/focal_hf; e.g. `mkdir -p .gpu_baseline &&
+#    git archive 0143432 src/focal_hf | tar -x --strip-components=1 -C .gpu_baseline`, ignored by git, so name it
+#    in the device tool's `carry`): benchmarks/ablation.py --against, speed interleaved in one process, and peak
+#    memory,
 # 5. times the key/value gather alone, three ways, forward and backward (benchmarks/gather_kernels.py),
 # 6. runs the benchmark against Swin-T (bf16, 224 and 448 px, plus torch.compile at 224).
 # Everything ends within about 8.5 minutes: each step runs under `timeout`, the benchmark in what is left of the
@@ -18,6 +21,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-$PWD/gpu-check-output}
 BUDGET_S=${BUDGET_S:-500}  # the whole script, seconds
+BASELINE=${BASELINE:-.gpu_baseline/focal_hf}  # another version of the package to compare with, if there
 mkdir -p "$OUT"
 PYTHON=$(command -v python3 || command -v python)
 status=0
@@ -54,9 +58,13 @@ echo "== where a Focal-T training step goes: benchmarks/profile_gpu.py"
 timeout -k 10 90 "$PYTHON" benchmarks/profile_gpu.py --models focal-tiny --rows 20 2>&1 | tee "$OUT/profile.txt" ||
     status=1
 
-echo "== what gathering the keys again for the backward pass costs: benchmarks/ablation.py"
-timeout -k 10 90 "$PYTHON" benchmarks/ablation.py --device cuda --dtype bf16 --without regathered-keys \
-    --modes train-64 --steps 10 2>&1 | tee "$OUT/ablation.txt" || status=1
+echo "== this version against the one in $BASELINE: benchmarks/ablation.py --against"
+if [ -f "$BASELINE/modeling_focal.py" ]; then
+    timeout -k 10 120 "$PYTHON" benchmarks/ablation.py --device cuda --dtype bf16 --against "$BASELINE" \
+        --modes train-64 infer-128 --steps 10 2>&1 | tee "$OUT/ablation.txt" || status=1
+else
+    echo "no $BASELINE/modeling_focal.py: skipped"
+fi
 
 echo "== the key/value gather alone, three ways: benchmarks/gather_kernels.py"
 timeout -k 10 60 "$PYTHON" benchmarks/gather_kernels.py 2>&1 | tee "$OUT/gather.txt" || status=1

@@ -212,6 +212,28 @@ def test_ablation_run_end_to_end():
     assert all(float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith(")") for row in rows)
 
 
+def test_ablation_against_another_version(tmp_path):
+    # another version of the package (here a copy of this one) imported beside this one, each model with its own
+    # version's attention
+    import shutil
+
+    other = tmp_path / "other" / "focal_hf"
+    shutil.copytree(SRC / "focal_hf", other, ignore=shutil.ignore_patterns("__pycache__"))
+    args = ["--against", str(other), "--modes", "infer-1", "train-2", "--image-size", "64", "--steps", "2"]
+    result = run_script(*args, "--warmup", "1", script="ablation.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert f"this version and the one in {other}" in lines[0]
+    assert lines[1].startswith("mode     | this (img/s) | other (img/s) | speed-up of this version")
+    rows = [[cell.strip() for cell in line.split("|")] for line in lines[2:]]
+    assert [row[0] for row in rows] == ["infer-1", "train-2"]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith(")") for row in rows)
+    # a folder without the package is refused in one line
+    result = run_script("--against", str(tmp_path), script="ablation.py")
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0 and "expected a focal_hf package folder" in result.stderr
+
+
 @pytest.fixture
 def gpu_memory():
     return import_script("gpu_memory")
