@@ -989,8 +989,9 @@ class FocalAttentionBase(nn.Module):
         batch_size, height, width, dim = hidden_states.shape
         layout = self.key_layout(*input_dimensions, hidden_states.device)
         # the fine tokens window by window give the queries; with the pooled tokens after them they are the source
-        # that each window gathers its keys and values from (`layout.key_index`)
-        fine = autocast_input(window_partition(hidden_states, self.geometry.window_size))
+        # that each window gathers its keys and values from (`layout.key_index`). Under autocast they are cast before
+        # they are reordered: the copy then moves half the bytes.
+        fine = window_partition(autocast_input(hidden_states), self.geometry.window_size)
         tokens = torch.cat([fine] + [autocast_input(pooled.flatten(1, 2)) for pooled in pooled_states], dim=1)
         query, key, value = self.qkv(fine, tokens)
         bias = self.cached_attention_bias(layout, query.dtype)
