@@ -5,7 +5,7 @@ machine's drift and the heap's state affect both alike.
     python benchmarks/ablation.py --without inference-bias-cache            # Focal-T; infer-1, infer-8, train-8
     python benchmarks/ablation.py --model focal-fast-tiny --without cpu-chunking --modes infer-8 --steps 30
     python benchmarks/ablation.py --device cuda --dtype bf16 --without regathered-keys --modes train-64
-    git archive 0143432 src/focal_hf | tar -x -C /tmp/before      # another version of the package, then:
+    mkdir -p /tmp/before && git archive 0143432 src/focal_hf | tar -x -C /tmp/before   # another version, then:
     python benchmarks/ablation.py --device cuda --dtype bf16 --against /tmp/before/src/focal_hf --modes train-64
 
 For each mode it prints both speeds (medians) and the speed-up the mechanisms give: the median over step pairs of

@@ -339,7 +339,8 @@ def print_table(args, results: list[dict], header: str) -> None:
             print(" | ".join(cells))
 
 
-def write_json(path: str, payload: dict) -> None:
+def write_json(path: str, payload) -> None:
+    """`payload` as JSON at `path`, written whole or not at all (a temporary file in the same folder, then renamed)."""
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as handle:
         json.dump(payload, handle, indent=1)

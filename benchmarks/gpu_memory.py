@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 
 import torch
 import torch.nn.functional as F
-from benchmark import MECHANISMS, MODELS, REFERENCE, build_model, positive_int
+from benchmark import MECHANISMS, MODELS, REFERENCE, build_model, positive_int, write_json
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -223,8 +222,7 @@ def main():
             cells.append(f"{figure / scale:,.{1 if args.traffic else 0}f} ({figure / reference[size]:.2f}x)")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":
