@@ -1,6 +1,6 @@
 """Deployment at any input size: `torch.export` with symbolic height and width (one program for every side of at
 least 32 px), ONNX run in onnxruntime, `torch.compile(dynamic=True, fullgraph=True)` as one graph, a training step
-compiled by inductor, and accelerate's disk offload (`device_map="auto"`). Tiny four-stage models with shifted
+compiled by inductor, a mixed-precision step compiled whole, and accelerate's disk offload (`device_map="auto"`). Tiny four-stage models with shifted
 windows, both attention types; each model and its exported program (also the ONNX test's source) are built once per
 attention type: tracing is the slow part."""
 
@@ -139,6 +139,31 @@ def test_compiled_training_step_with_inductor_gives_the_eager_gradients():
     torch.testing.assert_close(loss, reference_loss, atol=1e-5, rtol=0)
     for (name, parameter), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(parameter.grad, expected.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_mixed_precision_casts_the_projections_input_once_and_compiles_whole():
+    # under autocast the projections' input reaches them already in bf16 (`autocast_input`: one cast, where autocast
+    # would cast it for each of the three products); without autocast it stays float32; torch.compile traces the
+    # autocast step as one graph with the eager loss
+    torch.manual_seed(0)
+    model = FocalForImageClassification(tiny_config(use_shift=True)).train()
+    pixel_values, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+    seen = []
+
+    def record(module, inputs, outputs):
+        seen.append({tensor.dtype for tensor in (*inputs, *outputs)})
+
+    hook = model.focal.encoder.layers[0].blocks[0].attention.qkv.register_forward_hook(record)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(pixel_values, labels=labels).loss
+    model(pixel_values, labels=labels)
+    hook.remove()
+    assert seen == [{torch.bfloat16}, {torch.float32}]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled_loss = compiled(pixel_values, labels=labels).loss
+    torch.testing.assert_close(compiled_loss, loss, atol=1e-2, rtol=0)
 
 
 @pytest.mark.parametrize(
