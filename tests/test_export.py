@@ -1,8 +1,8 @@
 """Deployment at any input size: `torch.export` with symbolic height and width (one program for every side of at
 least 32 px), ONNX run in onnxruntime, `torch.compile(dynamic=True, fullgraph=True)` as one graph, a training step
-compiled by inductor, a mixed-precision step compiled whole, and accelerate's disk offload (`device_map="auto"`). Tiny four-stage models with shifted
-windows, both attention types; each model and its exported program (also the ONNX test's source) are built once per
-attention type: tracing is the slow part."""
+compiled by inductor, a mixed-precision step compiled whole, and accelerate's disk offload (`device_map="auto"`).
+Tiny four-stage models with shifted windows, both attention types; each model and its exported program (also the
+ONNX test's source) are built once per attention type: tracing is the slow part."""
 
 import onnxruntime
 import pytest
