@@ -1,4 +1,6 @@
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FIXTURES = Path(__file__).parent / "fixtures"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 PARITY_CASES = ["v1_fc_224", "v1_useconv_224", "v2_useconv_224", "v1_shift_mean_64", "v1_shift_conv_80"]
 
 
@@ -29,6 +32,15 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def import_script(name: str):
+    """A script of `benchmarks/` imported as a module (its folder on `sys.path` only while importing)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def tiny_config(**overrides):

@@ -1,7 +1,6 @@
 """The benchmark script: its refusal without a GPU, its argument checks, and one minimal CPU run end to end."""
 
 import copy
-import importlib
 import json
 import os
 import subprocess
@@ -9,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import BENCHMARKS, import_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
+SCRIPT = BENCHMARKS / "benchmark.py"
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -32,15 +32,6 @@ def test_cuda_without_a_gpu_is_refused_in_one_line():
     assert result.stdout == ""
     assert result.stderr.strip().count("\n") == 0
     assert "--device cuda, but torch" in result.stderr and "sees no CUDA GPU here" in result.stderr
-
-
-def import_script(name: str):
-    """A benchmark script imported as a module (its folder on `sys.path` only while importing)."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
 
 
 @pytest.fixture
