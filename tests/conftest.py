@@ -3,10 +3,13 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels (benchmarks/triton_attention.py) run on the CPU by Triton's interpreter: set before anything imports
+# triton (transformers does), since Triton reads it when it makes kernels, its own library's included
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
