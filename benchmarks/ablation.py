@@ -7,6 +7,7 @@ machine's drift and the heap's state affect both alike.
     python benchmarks/ablation.py --device cuda --dtype bf16 --without regathered-keys --modes train-64
     mkdir -p /tmp/before && git archive 0143432 src/focal_hf | tar -x -C /tmp/before   # another version, then:
     python benchmarks/ablation.py --device cuda --dtype bf16 --against /tmp/before/src/focal_hf --modes train-64
+    python benchmarks/ablation.py --device cuda --dtype bf16 --attention focal_triton --modes train-64 infer-128
 
 For each mode it prints both speeds (medians) and the speed-up the mechanisms give: the median over step pairs of
 (time without) / (time with), with its interquartile range; a mechanism whose range lies above 1.03 is worth more
@@ -18,6 +19,11 @@ measurement (`benchmark.py --without`).
 imported beside it as `focal_hf_other`, its model built with the same weights and run with its own default
 attention (registered as "focal_sdpa_other"); the columns are then this version and the other, the speed-up this
 version's. (Importing it maps transformers' Auto classes to its classes; this script does not use them.)
+
+`--attention NAME` compares the model run with another attention implementation (any registered with transformers'
+`AttentionInterface`; `focal_triton`, the fused Triton candidate, is registered by importing
+`benchmarks/triton_attention.py`, which this script does for that name) with the same model run with the default
+`focal_sdpa`; the columns are then NAME and focal_sdpa, the speed-up NAME's.
 """
 
 from __future__ import annotations
@@ -103,6 +109,7 @@ def main():
     compared = parser.add_mutually_exclusive_group(required=True)
     compared.add_argument("--without", nargs="+", choices=sorted(MECHANISMS))
     compared.add_argument("--against", metavar="DIR", help="another version's focal_hf package folder")
+    compared.add_argument("--attention", metavar="NAME", help="an attention implementation to set against focal_sdpa")
     parser.add_argument("--modes", nargs="+", type=mode_type, help="default: as benchmark.py on the device")
     parser.add_argument("--image-size", type=positive_int, default=224)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -132,6 +139,18 @@ def main():
         without.set_attn_implementation("focal_sdpa_other")
         compared = f"this version and the one in {args.against}"
         columns = ("this", "other", "speed-up of this version")
+    elif args.attention:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if args.attention == "focal_triton":
+            import triton_attention  # noqa: F401  (registers it)
+        if args.attention != "eager" and args.attention not in ALL_ATTENTION_FUNCTIONS:
+            known = ", ".join(["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys(), "focal_triton"])
+            parser.error(f"--attention: expected a registered attention implementation ({known}), got {args.attention}")
+        without = copy.deepcopy(with_them)
+        with_them.set_attn_implementation(args.attention)
+        compared = f"attention {args.attention} and focal_sdpa"
+        columns = (args.attention, "focal_sdpa", f"speed-up of {args.attention}")
     else:
         without = turn_off(copy.deepcopy(with_them), tuple(args.without))
         compared = f"with and without {', '.join(args.without)}"

@@ -4,19 +4,22 @@
 #
 # 1. prints the machine's torch / CUDA / transformers, installs this project (editable, no dependencies: torch and
 #    transformers stay the machine's; a transformers wheel carried in .whl/ is installed first if there is one),
-# 2. runs the GPU correctness tests, benchmarks/test_gpu.py, if that file exists,
-# 3. profiles one bf16 training step of Focal-T (the top CUDA kernels, benchmarks/profile_gpu.py),
-# 4. compares Focal-T's training step (batch 64) and inference (batch 128) with those of another version of the
+# 2. runs the GPU correctness tests, benchmarks/test_gpu.py, if that file exists (the fused Triton candidate's too),
+# 3. compares Focal-T's training step (batch 64) and inference (batch 128) with the fused Triton candidate
+#    (`focal_triton`, benchmarks/triton_attention.py) and with the default focal_sdpa: benchmarks/ablation.py
+#    --attention, speed interleaved in one process, and peak memory,
+# 4. profiles one bf16 training step of Focal-T (the top CUDA kernels, benchmarks/profile_gpu.py),
+# 5. compares Focal-T's training step (batch 64) and inference (batch 128) with those of another version of the
 #    package, if one is carried in $BASELINE (default .gpu_baseline/focal_hf; e.g. `mkdir -p .gpu_baseline &&
 #    git archive 0143432 src/focal_hf | tar -x --strip-components=1 -C .gpu_baseline`, ignored by git, so name it
 #    in the device tool's `carry`): benchmarks/ablation.py --against, speed interleaved in one process, and peak
 #    memory,
-# 5. times the key/value gather alone, three ways, forward and backward (benchmarks/gather_kernels.py),
-# 6. runs the benchmark against Swin-T (bf16, 224 and 448 px, plus torch.compile at 224).
+# 6. times the key/value gather alone, three ways, forward and backward (benchmarks/gather_kernels.py),
+# 7. runs the benchmark against Swin-T (bf16, 224 and 448 px, plus torch.compile at 224).
 # Everything ends within about 8.5 minutes: each step runs under `timeout`, the benchmark in what is left of the
-# budget; interrupted, it still prints the table of what it measured. Output: $OUT/test_gpu.txt, $OUT/profile.txt,
-# $OUT/ablation.txt, $OUT/gather.txt, $OUT/bench.txt, $OUT/bench.json ($OUT defaults to ./gpu-check-output). Exit
-# status non-zero if any step failed.
+# budget; interrupted, it still prints the table of what it measured. Output: $OUT/test_gpu.txt, $OUT/triton.txt,
+# $OUT/profile.txt, $OUT/ablation.txt, $OUT/gather.txt, $OUT/bench.txt, $OUT/bench.json ($OUT defaults to
+# ./gpu-check-output). Exit status non-zero if any step failed.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-$PWD/gpu-check-output}
@@ -48,11 +51,15 @@ print('focal_hf from', focal_hf.__file__, '| transformers', transformers.__versi
 
 echo "== GPU correctness: benchmarks/test_gpu.py"
 if [ -f benchmarks/test_gpu.py ]; then
-    timeout -k 10 120 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/test_gpu.py 2>&1 | tee "$OUT/test_gpu.txt" ||
+    timeout -k 10 180 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/test_gpu.py 2>&1 | tee "$OUT/test_gpu.txt" ||
         status=1
 else
     echo "benchmarks/test_gpu.py does not exist: skipped"
 fi
+
+echo "== the fused Triton candidate against focal_sdpa: benchmarks/ablation.py --attention focal_triton"
+timeout -k 10 120 "$PYTHON" benchmarks/ablation.py --device cuda --dtype bf16 --attention focal_triton \
+    --modes train-64 infer-128 --steps 10 2>&1 | tee "$OUT/triton.txt" || status=1
 
 echo "== where a Focal-T training step goes: benchmarks/profile_gpu.py"
 timeout -k 10 90 "$PYTHON" benchmarks/profile_gpu.py --models focal-tiny --rows 20 2>&1 | tee "$OUT/profile.txt" ||

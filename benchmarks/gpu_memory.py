@@ -4,6 +4,7 @@
     python benchmarks/gpu_memory.py --models swin-tiny focal-tiny --batch-size 32 --image-sizes 224
     python benchmarks/gpu_memory.py --without regathered-keys       # the gathered keys kept for the backward pass
     python benchmarks/gpu_memory.py --traffic                       # the bytes read and written instead (GB)
+    python benchmarks/gpu_memory.py --traffic --attention focal_triton   # Focal models with another attention
 
 Each model runs one training step as `benchmark.py --device cuda --dtype bf16` does (forward under bf16 autocast,
 backward, AdamW; after one step that creates the optimizer state) on PyTorch's meta device: tensors with shapes and
@@ -166,11 +167,21 @@ def training_step_traffic(model: torch.nn.Module, batch_size: int, image_size: i
     return traffic.bytes
 
 
-def estimate(name: str, batch_size: int, image_size: int, without: tuple[str, ...] = (), measure=training_step_peak):
+def estimate(
+    name: str,
+    batch_size: int,
+    image_size: int,
+    without: tuple[str, ...] = (),
+    measure=training_step_peak,
+    attention: str | None = None,
+):
     """`measure` (`training_step_peak` or `training_step_traffic`) of a `benchmark.py` model (Focal models without the
-    mechanisms named in `without`) on the meta device, SDPA as on a CUDA GPU."""
+    mechanisms named in `without`, with the attention implementation `attention` if given) on the meta device, SDPA
+    as on a CUDA GPU."""
     with torch.device("meta"):
         model = build_model(name, image_size, without=without)
+    if attention is not None and name != REFERENCE:
+        model.set_attn_implementation(attention)
     sdpa = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = memory_efficient_sdpa
     try:
@@ -196,8 +207,16 @@ def main():
         action="store_true",
         help="estimate the bytes the step's operators read and write (GB) instead of its peak memory",
     )
+    parser.add_argument(
+        "--attention",
+        choices=["focal_triton"],
+        help="run the Focal models with this attention implementation instead of focal_sdpa (focal_triton: the "
+        "fused Triton candidate, benchmarks/triton_attention.py; its kernels counted by their operands)",
+    )
     parser.add_argument("--json", help="also write the estimates (MiB, or GB with --traffic) to this JSON file")
     args = parser.parse_args()
+    if args.attention == "focal_triton":
+        import triton_attention  # noqa: F401  (registers it)
     models = [REFERENCE] + [name for name in args.models if name != REFERENCE]
     results = []
     without = tuple(args.without)
@@ -208,7 +227,9 @@ def main():
     )
     print(
         f"estimated {'memory traffic' if args.traffic else 'peak memory'} of a bf16 training step on a CUDA GPU, batch "
-        f"{args.batch_size} ({unit})" + (f"; Focal models without {', '.join(without)}" if without else "")
+        f"{args.batch_size} ({unit})"
+        + (f"; Focal models without {', '.join(without)}" if without else "")
+        + (f"; Focal models with {args.attention} attention" if args.attention else "")
     )
     print("| model | " + " | ".join(f"{size} px" for size in args.image_sizes) + " |")
     print("| --- |" + " --- |" * len(args.image_sizes))
@@ -216,8 +237,13 @@ def main():
     for name in models:
         cells = []
         for size in args.image_sizes:
-            figure = reference[size] if name == REFERENCE else estimate(name, args.batch_size, size, without, measure)
+            figure = (
+                reference[size]
+                if name == REFERENCE
+                else estimate(name, args.batch_size, size, without, measure, args.attention)
+            )
             result = {"model": name, "image_size": size, "batch_size": args.batch_size, "without": list(without)}
+            result["attention"] = args.attention or "focal_sdpa"
             results.append({**result, key: figure / scale})
             cells.append(f"{figure / scale:,.{1 if args.traffic else 0}f} ({figure / reference[size]:.2f}x)")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)

@@ -2,9 +2,13 @@
 
 `focal_sdpa` on CUDA is one `scaled_dot_product_attention` call with the windows folded into the head dimension and
 one bias broadcast over the batch: its values and gradients must equal the eager path's, also through the
-memory-efficient kernel (the one that takes an additive bias and differentiates it), in fp32 and bf16.
+memory-efficient kernel (the one that takes an additive bias and differentiates it), in fp32 and bf16. The same
+holds for the fused Triton candidate, `focal_triton` (`benchmarks/triton_attention.py`), compiled for the GPU here
+(CI checks it in Triton's interpreter), also at Focal-T's size (its 224 keys, four blocks in the backward pass) and
+under `torch.compile`.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,20 +16,25 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+# Triton kernels compiled for the GPU (tests/conftest.py, imported here for `tiny_config`, sets Triton's CPU interpreter
+# where nothing set it)
+os.environ["TRITON_INTERPRET"] = "0"
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+import triton_attention  # noqa: E402  (registers "focal_triton")
 from conftest import tiny_config  # noqa: E402
 
 from focal_hf import FocalForImageClassification, official_config  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+assert not triton_attention.INTERPRETED
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
 
-def _pair(attention_type):
-    """The same tiny model (shifted windows) with the eager and the default attention, on the GPU."""
+def _pair(attention_type, implementation="focal_sdpa"):
+    """The same tiny model (shifted windows) with the eager attention and `implementation`, on the GPU."""
     models = []
-    for attn_implementation in ("eager", "focal_sdpa"):
+    for attn_implementation in ("eager", implementation):
         config = tiny_config(
             attention_type=attention_type,
             focal_topk=12,
@@ -35,7 +44,7 @@ def _pair(attention_type):
         )
         models.append(FocalForImageClassification(config).cuda().train())
     models[1].load_state_dict(models[0].state_dict())
-    assert [model.config._attn_implementation for model in models] == ["eager", "focal_sdpa"]
+    assert [model.config._attn_implementation for model in models] == ["eager", implementation]
     return models
 
 
@@ -46,11 +55,14 @@ def _run(model, pixel_values, labels):
     return out.logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("backend", [None, SDPBackend.EFFICIENT_ATTENTION])
+@pytest.mark.parametrize(
+    "implementation, backend",
+    [("focal_sdpa", None), ("focal_sdpa", SDPBackend.EFFICIENT_ATTENTION), ("focal_triton", None)],
+)
 @pytest.mark.parametrize("size", [(64, 64), (96, 160)])
 @pytest.mark.parametrize("attention_type", ["focal", "focal_fast"])
-def test_values_and_gradients_equal_eager(attention_type, size, backend):
-    eager, fused = _pair(attention_type)
+def test_values_and_gradients_equal_eager(attention_type, size, implementation, backend):
+    eager, fused = _pair(attention_type, implementation)
     pixel_values = torch.randn(3, 3, *size, device="cuda")
     labels = torch.tensor([0, 4, 2], device="cuda")
     reference_logits, reference = _run(eager, pixel_values, labels)
@@ -62,9 +74,10 @@ def test_values_and_gradients_equal_eager(attention_type, size, backend):
         torch.testing.assert_close(grads[name], reference[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("implementation", ["focal_sdpa", "focal_triton"])
 @pytest.mark.parametrize("attention_type", ["focal", "focal_fast"])
-def test_bfloat16_training_step(attention_type):
-    eager, fused = _pair(attention_type)
+def test_bfloat16_training_step(attention_type, implementation):
+    eager, fused = _pair(attention_type, implementation)
     pixel_values = torch.randn(4, 3, 96, 96, device="cuda")
     labels = torch.tensor([0, 1, 2, 3], device="cuda")
     reference_logits, reference = _run(eager, pixel_values, labels)
@@ -84,6 +97,33 @@ def test_focal_tiny_on_gpu_equals_cpu():
         cpu = model(pixel_values).logits
         gpu = model.cuda()(pixel_values.cuda()).logits.cpu()
     torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=0)
+
+
+def test_triton_at_focal_tiny_size_equals_focal_sdpa():
+    torch.manual_seed(0)
+    sdpa = FocalForImageClassification(official_config("focal-tiny", num_labels=10)).cuda().train()
+    config = official_config("focal-tiny", num_labels=10, attn_implementation="focal_triton")
+    fused = FocalForImageClassification(config).cuda().train()
+    fused.load_state_dict(sdpa.state_dict())
+    pixel_values = torch.randn(2, 3, 224, 224, device="cuda")
+    labels = torch.tensor([1, 7], device="cuda")
+    reference_logits, reference = _run(sdpa, pixel_values, labels)
+    logits, grads = _run(fused, pixel_values, labels)
+    torch.testing.assert_close(logits, reference_logits, atol=1e-4, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], reference[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_triton_compiles_in_one_graph():
+    eager, fused = _pair("focal", "focal_triton")
+    compiled = torch.compile(fused, fullgraph=True)
+    pixel_values = torch.randn(4, 3, 96, 96, device="cuda")
+    labels = torch.tensor([0, 1, 2, 3], device="cuda")
+    reference_logits, reference = _run(eager, pixel_values, labels)
+    logits, grads = _run(compiled, pixel_values, labels)
+    torch.testing.assert_close(logits, reference_logits, atol=1e-4, rtol=0)
+    for name in reference:
+        torch.testing.assert_close(grads[name.removeprefix("_orig_mod.")], reference[name], atol=1e-4, rtol=1e-3)
 
 
 def test_training_keeps_no_gathered_keys_on_gpu(monkeypatch):

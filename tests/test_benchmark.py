@@ -225,6 +225,23 @@ def test_ablation_against_another_version(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "expected a focal_hf package folder" in result.stderr
 
 
+def test_ablation_with_another_attention():
+    # the Triton candidate against focal_sdpa (here run by Triton's interpreter: conftest sets TRITON_INTERPRET)
+    pytest.importorskip("triton", reason="Triton has wheels for Linux on x86-64 only (setup.cfg's test extra)")
+    args = ["--attention", "focal_triton", "--modes", "infer-1", "--image-size", "64", "--steps", "2"]
+    result = run_script(*args, "--warmup", "1", script="ablation.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "attention focal_triton and focal_sdpa" in lines[0]
+    assert lines[1].startswith("mode     | focal_triton (img/s) | focal_sdpa (img/s) | speed-up of focal_triton")
+    rows = [[cell.strip() for cell in line.split("|")] for line in lines[2:]]
+    assert [row[0] for row in rows] == ["infer-1"]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith(")") for row in rows)
+    result = run_script("--attention", "no_such_attention", script="ablation.py")
+    assert result.returncode != 0 and result.stdout == ""
+    assert "expected a registered attention implementation" in result.stderr.strip().splitlines()[-1]
+
+
 @pytest.fixture
 def gpu_memory():
     return import_script("gpu_memory")
@@ -312,6 +329,27 @@ def test_gpu_memory_run_end_to_end():
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines[3:]]
     assert [row[0] for row in rows] == ["swin-tiny", "focal-tiny"] and rows[0][1].endswith("(1.00x)")
     assert 0 < float(rows[0][1].split()[0]) < float(rows[1][1].split()[0])  # Focal-T moves more than Swin-T
+
+
+def test_gpu_memory_estimates_the_fused_candidate():
+    # Focal-T with the fused Triton candidate on the meta device (its op's fake implementation gives the outputs; run
+    # without Triton's interpreter, which would launch the kernels): without the gathered keys, their gradients and
+    # the per-image bias gradient the step moves far fewer bytes than through focal_sdpa, and holds no more memory
+    pytest.importorskip("triton", reason="Triton has wheels for Linux on x86-64 only (setup.cfg's test extra)")
+    figures = {}
+    for what in ("--traffic", None):
+        for attention in (None, "focal_triton"):
+            args = ["--models", "focal-tiny", "--batch-size", "4", "--image-sizes", "224"]
+            args += [what] if what else []
+            args += ["--attention", attention] if attention else []
+            result = run_script(*args, script="gpu_memory.py", TRITON_INTERPRET="0")
+            assert result.returncode == 0, result.stderr[-3000:]
+            lines = result.stdout.splitlines()
+            assert lines[0].endswith(f"; Focal models with {attention} attention") == bool(attention)
+            assert lines[-1].startswith("| focal-tiny | ")
+            figures[what, attention] = float(lines[-1].split("|")[2].split()[0].replace(",", ""))
+    assert 0 < figures["--traffic", "focal_triton"] < 0.9 * figures["--traffic", None], figures
+    assert 0 < figures[None, "focal_triton"] <= figures[None, None], figures
 
 
 def test_gather_kernels_time_every_variant_and_catch_a_wrong_one(capsys, monkeypatch):
