@@ -182,6 +182,12 @@ def main():
             + memory,
             flush=True,
         )
+    if args.attention == "focal_triton":
+        import triton_attention
+
+        for kernel, chosen in triton_attention.tuned_configs().items():
+            for shape, config in chosen.items():
+                print(f"focal_triton {kernel} {shape}: {config}")
 
 
 if __name__ == "__main__":

@@ -6,25 +6,32 @@ Importing this module registers `attn_implementation="focal_triton"` with transf
 takes what `focal_sdpa` takes (the keys' and values' sources, the key index and the per-window bias) and computes
 the same attention in one kernel per direction, with nothing materialised in between:
 
-- forward, a program per (window, head, image): the window's queries, its keys and values read row by row from the
-  sources through the key index (no gathered copy), the bias tile read once from the `(num_windows, num_heads,
-  window_area, num_keys)` table, the softmax in float32 in registers, the output written in the queries' own layout
-  `(batch_size, num_windows * window_area, dim)` (no folding copy) with its log-sum-exp;
-- backward, a program per (window, head, block of keys, group of images): the attention matrix recomputed from the
-  log-sum-exp, the gradients of queries, keys and values added into the queries' and the sources' rows (float32
-  atomic adds: no gathered gradient and no `index_add_`), the bias gradient summed over the group's images in
-  registers and added once (no per-image bias gradient).
+- forward, a program per (window, head, block of 64 queries, image): the queries, the window's keys and values read
+  row by row from the sources through the key index (no gathered copy) block by block with the bias tile, the
+  softmax in float32 in registers (rescaled block by block, as flash attention), the output written in the queries'
+  own layout `(batch_size, num_windows * window_area, dim)` (no folding copy) with its log-sum-exp;
+- backward, a program per (window, head, block of queries, block of keys, group of images): the attention matrix
+  recomputed from the log-sum-exp, the gradients of queries, keys and values added into the queries' and the
+  sources' rows (float32 atomic adds: no gathered gradient and no `index_add_`), the bias gradient summed over the
+  group's images in registers and added once (no per-image bias gradient).
 
-A window's keys fit one forward block (at most 256 keys and 64 queries: every official configuration at a window of 7);
-larger layouts, dropout, and `torch.export` fall back to `focal_sdpa`. On CPU it runs only under Triton's interpreter
-(`TRITON_INTERPRET=1`, as `tests/test_triton_attention.py` checks it against eager attention); elsewhere on CPU it
-falls back to `focal_sdpa` too. On the meta device the op's fake implementation gives the shapes of its outputs
-(`gpu_memory.py --attention focal_triton` estimates the memory and bytes of a training step with it).
+Key blocks, warps and images per backward program are chosen on the GPU by `triton.autotune` at the first call for
+each block shape (`tuned_configs()` says which). Dropout and `torch.export` fall back to `focal_sdpa`. On CPU it runs
+only under Triton's interpreter (`TRITON_INTERPRET=1`, as `tests/test_triton_attention.py` checks it against eager
+attention and the CPU op), with fixed configurations; elsewhere on CPU it falls back to `focal_sdpa` too. On the meta
+device the op's fake implementation gives the shapes of its outputs (`gpu_memory.py --attention focal_triton`
+estimates the memory and bytes of a training step with it).
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import torch
 import triton
@@ -34,20 +41,30 @@ from transformers import AttentionInterface
 
 from focal_hf.modeling_focal import focal_sdpa_attention
 
-MAX_QUERIES, MAX_KEYS = 64, 256  # one block each
+QUERY_BLOCK = 64  # queries per program (a window of 7 in one block)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # (as Triton decided when this module's kernels were made)
 # Triton's interpreter (3.9) multiplies bfloat16 tiles as integers: interpreted, the products are taken in float32,
 # which gives what a GPU gives (bfloat16 products are exact in float32 and accumulated in float32 there too)
 DOT_IN_FLOAT32 = tl.constexpr(INTERPRETED)
-BACKWARD_KEY_BLOCK = 64  # keys per backward program (its float32 tiles then stay in registers)
-PROGRAMS_PER_SM = 8  # backward: how many (window, head, key block, image group) programs to aim for per multiprocessor
+# Launch configurations (keys per step or program, images per backward program, warps), tried on a GPU at the first
+# call for each block shape and dtype (`triton.autotune`); Triton's interpreter runs the fixed ones below instead
+FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_K": block_keys}, num_warps=warps)
+    for block_keys, warps in ((64, 4), (128, 4), (128, 8), (256, 8))
+]
+BACKWARD_CONFIGS = [
+    triton.Config({"BLOCK_K": block_keys, "IMAGES_PER_PROGRAM": images}, num_warps=warps)
+    for block_keys in (32, 64)
+    for warps, images in ((4, 8), (8, 8), (8, 32))
+]
+INTERPRETED_FORWARD = {"BLOCK_K": 64, "num_warps": 4}
+INTERPRETED_BACKWARD = {"BLOCK_K": 64, "IMAGES_PER_PROGRAM": 2, "num_warps": 4}
 
 
 @triton.jit
-def _tile(first, rows, row_stride, columns, row_ok, column_ok):
-    """Offsets and mask of the `rows x columns` tile of a row-major matrix whose first element is at offset
-    `first`."""
-    return first + rows[:, None] * row_stride + columns[None, :], row_ok[:, None] & column_ok[None, :]
+def _tile(rows, row_stride, columns, row_ok, column_ok):
+    """Offsets (int32) and mask of the `rows x columns` tile of a row-major matrix."""
+    return rows[:, None] * row_stride + columns[None, :], row_ok[:, None] & column_ok[None, :]
 
 
 @triton.jit
@@ -66,6 +83,13 @@ def _scores(query, keys, bias, key_ok, scaling, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _key_block(key_index_ptr, window, index_window_stride, index_key_stride, keys, key_ok, dim, columns, dim_ok):
+    """Offsets (in a source image) and mask of a block of a window's keys (or values), `(keys, head_dim)`."""
+    index = tl.load(key_index_ptr + window * index_window_stride + keys * index_key_stride, mask=key_ok, other=0)
+    return _tile(index.to(tl.int32), dim, columns, key_ok, dim_ok)
+
+
+@triton.jit
 def _gathered_attention_forward(
     query_ptr,
     key_ptr,
@@ -77,45 +101,57 @@ def _gathered_attention_forward(
     index_window_stride,
     index_key_stride,
     num_heads,
-    window_area,
-    num_keys,
     num_tokens,
-    head_dim,
     scaling,
+    WINDOW_AREA: tl.constexpr,
+    NUM_KEYS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     BLOCK_A: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    window_head = tl.program_id(0)
+    num_query_blocks: tl.constexpr = (WINDOW_AREA + BLOCK_A - 1) // BLOCK_A
+    window_head, query_block = tl.program_id(0) // num_query_blocks, tl.program_id(0) % num_query_blocks
     image = tl.program_id(1).to(tl.int64)
-    num_windows = tl.num_programs(0) // num_heads
+    num_windows = tl.num_programs(0) // (num_query_blocks * num_heads)
     window, head = window_head // num_heads, window_head % num_heads
-    dim = num_heads * head_dim
-    rows, keys, dims = tl.arange(0, BLOCK_A), tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_D)
-    row_ok, key_ok, dim_ok = rows < window_area, keys < num_keys, dims < head_dim
-    columns = head * head_dim + dims
-    index = tl.load(key_index_ptr + window * index_window_stride + keys * index_key_stride, mask=key_ok, other=0)
-    queries_at, query_mask = _tile(
-        image * num_windows * window_area * dim + window * window_area * dim, rows, dim, columns, row_ok, dim_ok
-    )
-    keys_at, key_mask = _tile(image * num_tokens * dim, index, dim, columns, key_ok, dim_ok)
-    bias_at, bias_mask = _tile(window_head * window_area * num_keys, rows, num_keys, keys, row_ok, key_ok)
-    query = tl.load(query_ptr + queries_at, mask=query_mask, other=0.0)
-    keys_tile = tl.load(key_ptr + keys_at, mask=key_mask, other=0.0)
-    bias = tl.load(bias_ptr + bias_at, mask=bias_mask, other=0.0).to(tl.float32)
-    scores = _scores(query, keys_tile, bias, key_ok, scaling, PRECISION)
+    dim = num_heads * HEAD_DIM
+    rows, dims = query_block * BLOCK_A + tl.arange(0, BLOCK_A), tl.arange(0, BLOCK_D)
+    row_ok, dim_ok = rows < WINDOW_AREA, dims < HEAD_DIM
+    columns = head * HEAD_DIM + dims
+    queries_at, query_mask = _tile(rows, dim, columns, row_ok, dim_ok)
+    first_query = (image * num_windows + window) * WINDOW_AREA * dim
+    first_key = image * num_tokens * dim
+    first_bias = window_head * WINDOW_AREA * NUM_KEYS
+    query = tl.load(query_ptr + first_query + queries_at, mask=query_mask, other=0.0)
 
-    maximum = tl.max(scores, 1)
-    probs = tl.exp(scores - maximum[:, None])
-    total = tl.sum(probs, 1)
-    probs = probs / total[:, None]
-    values = tl.load(value_ptr + keys_at, mask=key_mask, other=0.0)
-    output = _dot(probs.to(values.dtype), values, PRECISION)
+    # the softmax over blocks of keys, rescaled as the running maximum grows (a finite start: no inf - inf)
+    maximum = tl.full((BLOCK_A,), -1.0e30, dtype=tl.float32)
+    total = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    output = tl.zeros((BLOCK_A, BLOCK_D), dtype=tl.float32)
+    for first in range(0, NUM_KEYS, BLOCK_K):
+        keys = first + tl.arange(0, BLOCK_K)
+        key_ok = keys < NUM_KEYS
+        keys_at, key_mask = _key_block(
+            key_index_ptr, window, index_window_stride, index_key_stride, keys, key_ok, dim, columns, dim_ok
+        )
+        bias_at, bias_mask = _tile(rows, NUM_KEYS, keys, row_ok, key_ok)
+        bias = tl.load(bias_ptr + first_bias + bias_at, mask=bias_mask, other=0.0).to(tl.float32)
+        keys_tile = tl.load(key_ptr + first_key + keys_at, mask=key_mask, other=0.0)
+        scores = _scores(query, keys_tile, bias, key_ok, scaling, PRECISION)
+        new_maximum = tl.maximum(maximum, tl.max(scores, 1))
+        rescale = tl.exp(maximum - new_maximum)
+        probs = tl.exp(scores - new_maximum[:, None])
+        total = total * rescale + tl.sum(probs, 1)
+        values = tl.load(value_ptr + first_key + keys_at, mask=key_mask, other=0.0)
+        output = output * rescale[:, None] + _dot(probs.to(values.dtype), values, PRECISION)
+        maximum = new_maximum
 
-    tl.store(output_ptr + queries_at, output.to(output_ptr.dtype.element_ty), mask=query_mask)
-    logsumexp_at = ((image * num_windows + window) * num_heads + head) * window_area
-    tl.store(logsumexp_ptr + logsumexp_at + rows, maximum + tl.log(total), mask=row_ok)
+    output = output / total[:, None]
+    tl.store(output_ptr + first_query + queries_at, output.to(output_ptr.dtype.element_ty), mask=query_mask)
+    first_row = ((image * num_windows + window) * num_heads + head) * WINDOW_AREA
+    tl.store(logsumexp_ptr + first_row + rows, maximum + tl.log(total), mask=row_ok)
 
 
 @triton.jit
@@ -135,44 +171,50 @@ def _gathered_attention_backward(
     index_window_stride,
     index_key_stride,
     num_heads,
-    window_area,
-    num_keys,
     num_tokens,
-    head_dim,
     scaling,
     batch_size,
-    images_per_program,
+    WINDOW_AREA: tl.constexpr,
+    NUM_KEYS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     BLOCK_A: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IMAGES_PER_PROGRAM: tl.constexpr,
 ):
-    num_key_blocks = tl.cdiv(num_keys, BLOCK_K)
-    window_head, key_block = tl.program_id(0) // num_key_blocks, tl.program_id(0) % num_key_blocks
-    num_windows = tl.num_programs(0) // (num_key_blocks * num_heads)
+    num_query_blocks: tl.constexpr = (WINDOW_AREA + BLOCK_A - 1) // BLOCK_A
+    num_key_blocks: tl.constexpr = (NUM_KEYS + BLOCK_K - 1) // BLOCK_K
+    query_block = tl.program_id(0) % num_query_blocks
+    key_block = tl.program_id(0) // num_query_blocks % num_key_blocks
+    window_head = tl.program_id(0) // (num_query_blocks * num_key_blocks)
+    num_windows = tl.num_programs(0) // (num_query_blocks * num_key_blocks * num_heads)
     window, head = window_head // num_heads, window_head % num_heads
-    dim = num_heads * head_dim
-    rows, keys, dims = tl.arange(0, BLOCK_A), key_block * BLOCK_K + tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_D)
-    row_ok, key_ok, dim_ok = rows < window_area, keys < num_keys, dims < head_dim
-    columns = head * head_dim + dims
-    index = tl.load(key_index_ptr + window * index_window_stride + keys * index_key_stride, mask=key_ok, other=0)
-    bias_at, bias_mask = _tile(window_head * window_area * num_keys, rows, num_keys, keys, row_ok, key_ok)
-    bias = tl.load(bias_ptr + bias_at, mask=bias_mask, other=0.0).to(tl.float32)
+    dim = num_heads * HEAD_DIM
+    rows, dims = query_block * BLOCK_A + tl.arange(0, BLOCK_A), tl.arange(0, BLOCK_D)
+    keys = key_block * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok, key_ok, dim_ok = rows < WINDOW_AREA, keys < NUM_KEYS, dims < HEAD_DIM
+    columns = head * HEAD_DIM + dims
+    queries_at, query_mask = _tile(rows, dim, columns, row_ok, dim_ok)
+    keys_at, key_mask = _key_block(
+        key_index_ptr, window, index_window_stride, index_key_stride, keys, key_ok, dim, columns, dim_ok
+    )
+    bias_at, bias_mask = _tile(rows, NUM_KEYS, keys, row_ok, key_ok)
+    first_bias = window_head * WINDOW_AREA * NUM_KEYS
+    bias = tl.load(bias_ptr + first_bias + bias_at, mask=bias_mask, other=0.0).to(tl.float32)
     grad_bias = tl.zeros((BLOCK_A, BLOCK_K), dtype=tl.float32)
 
-    first = tl.program_id(1).to(tl.int64) * images_per_program
-    for image in range(first, tl.minimum(first + images_per_program, batch_size)):
-        queries_at, query_mask = _tile(
-            image * num_windows * window_area * dim + window * window_area * dim, rows, dim, columns, row_ok, dim_ok
-        )
-        keys_at, key_mask = _tile(image * num_tokens * dim, index, dim, columns, key_ok, dim_ok)
-        query = tl.load(query_ptr + queries_at, mask=query_mask, other=0.0)
-        keys_tile = tl.load(key_ptr + keys_at, mask=key_mask, other=0.0)
-        values = tl.load(value_ptr + keys_at, mask=key_mask, other=0.0)
-        grad_output = tl.load(grad_output_ptr + queries_at, mask=query_mask, other=0.0)
-        output = tl.load(output_ptr + queries_at, mask=query_mask, other=0.0)
-        logsumexp_at = ((image * num_windows + window) * num_heads + head) * window_area
-        logsumexp = tl.load(logsumexp_ptr + logsumexp_at + rows, mask=row_ok, other=0.0)
+    first_image = tl.program_id(1).to(tl.int64) * IMAGES_PER_PROGRAM
+    for image in range(first_image, tl.minimum(first_image + IMAGES_PER_PROGRAM, batch_size)):
+        first_query = (image * num_windows + window) * WINDOW_AREA * dim
+        first_key = image * num_tokens * dim
+        query = tl.load(query_ptr + first_query + queries_at, mask=query_mask, other=0.0)
+        keys_tile = tl.load(key_ptr + first_key + keys_at, mask=key_mask, other=0.0)
+        values = tl.load(value_ptr + first_key + keys_at, mask=key_mask, other=0.0)
+        grad_output = tl.load(grad_output_ptr + first_query + queries_at, mask=query_mask, other=0.0)
+        output = tl.load(output_ptr + first_query + queries_at, mask=query_mask, other=0.0)
+        first_row = ((image * num_windows + window) * num_heads + head) * WINDOW_AREA
+        logsumexp = tl.load(logsumexp_ptr + first_row + rows, mask=row_ok, other=0.0)
 
         probs = tl.exp(_scores(query, keys_tile, bias, key_ok, scaling, PRECISION) - logsumexp[:, None])
         delta = tl.sum(grad_output.to(tl.float32) * output.to(tl.float32), 1)
@@ -182,34 +224,49 @@ def _gathered_attention_backward(
 
         grad_scores_low = grad_scores.to(query.dtype)
         grad_query = _dot(grad_scores_low, keys_tile, PRECISION) * scaling
-        tl.atomic_add(grad_query_ptr + queries_at, grad_query, mask=query_mask, sem="relaxed")
+        tl.atomic_add(grad_query_ptr + first_query + queries_at, grad_query, mask=query_mask, sem="relaxed")
         grad_keys = _dot(tl.trans(grad_scores_low), query, PRECISION) * scaling
-        tl.atomic_add(grad_key_ptr + keys_at, grad_keys, mask=key_mask, sem="relaxed")
+        tl.atomic_add(grad_key_ptr + first_key + keys_at, grad_keys, mask=key_mask, sem="relaxed")
         grad_values = _dot(tl.trans(probs.to(grad_output.dtype)), grad_output, PRECISION)
-        tl.atomic_add(grad_value_ptr + keys_at, grad_values, mask=key_mask, sem="relaxed")
+        tl.atomic_add(grad_value_ptr + first_key + keys_at, grad_values, mask=key_mask, sem="relaxed")
 
-    tl.atomic_add(grad_bias_ptr + bias_at, grad_bias, mask=bias_mask, sem="relaxed")
-
-
-def fits(bias: torch.Tensor) -> bool:
-    """Whether a layout's windows (bias `(num_windows, num_heads, window_area, num_keys)`) fit one block."""
-    return bias.shape[2] <= MAX_QUERIES and bias.shape[3] <= MAX_KEYS
+    tl.atomic_add(grad_bias_ptr + first_bias + bias_at, grad_bias, mask=bias_mask, sem="relaxed")
 
 
-def _launch_arguments(query, key, bias, key_index, num_heads: int, key_block: int | None = None):
-    """The kernels' size arguments and block sizes: a block of `key_block` keys, else all the window's keys."""
+SHAPE = ["num_heads", "num_tokens", "WINDOW_AREA", "NUM_KEYS", "HEAD_DIM"]  # (what the tuning is kept for)
+_tuned_forward = triton.autotune(FORWARD_CONFIGS, key=SHAPE)(_gathered_attention_forward)
+_tuned_backward = triton.autotune(
+    BACKWARD_CONFIGS,
+    key=[*SHAPE, "batch_size"],
+    reset_to_zero=["grad_query_ptr", "grad_key_ptr", "grad_value_ptr", "grad_bias_ptr"],
+)(_gathered_attention_backward)
+
+
+def tuned_configs() -> dict[str, dict[tuple, str]]:
+    """The configurations `triton.autotune` chose so far (on a GPU), by kernel and tuning key."""
+    tuned = {"forward": _tuned_forward, "backward": _tuned_backward}
+    return {name: {key: describe(config) for key, config in kernel.cache.items()} for name, kernel in tuned.items()}
+
+
+def describe(config: triton.Config) -> str:
+    """A launch configuration in a few words."""
+    return ", ".join([*(f"{name} {value}" for name, value in config.kwargs.items()), f"{config.num_warps} warps"])
+
+
+def _launch_arguments(query, key, bias, key_index, num_heads: int):
+    """The size arguments and the compile-time constants that both kernels take."""
     num_windows, _, window_area, num_keys = bias.shape
     head_dim = query.shape[-1] // num_heads
-    block_keys = max(16, triton.next_power_of_2(min(key_block or num_keys, num_keys)))
-    blocks = {
-        "BLOCK_A": max(16, triton.next_power_of_2(window_area)),
-        "BLOCK_K": block_keys,
+    constants = {
+        "WINDOW_AREA": window_area,
+        "NUM_KEYS": num_keys,
+        "HEAD_DIM": head_dim,
+        "BLOCK_A": max(16, min(QUERY_BLOCK, triton.next_power_of_2(window_area))),
         "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
         "PRECISION": "ieee" if query.dtype == torch.float32 else "tf32",  # (float32: no TF32 rounding)
-        "num_warps": 4 if block_keys <= 128 else 8,
     }
-    sizes = (*key_index.stride(), num_heads, window_area, num_keys, key.shape[1], head_dim)
-    return num_windows, -(-num_keys // block_keys), sizes, blocks
+    num_query_blocks = -(-window_area // constants["BLOCK_A"])
+    return num_windows * num_heads * num_query_blocks, (*key_index.stride(), num_heads, key.shape[1]), constants
 
 
 @triton_op("focal_transformer::triton_gathered_attention", mutates_args=())
@@ -227,11 +284,12 @@ def triton_gathered_attention(
     num_windows * window_area, dim)` and its log-sum-exp `(batch_size, num_windows, num_heads, window_area)`
     (float32), as `focal_hf.modeling_focal.cpu_gathered_attention`."""
     query, key, value, bias = (tensor.contiguous() for tensor in (query, key, value, bias))
-    num_windows, _, sizes, blocks = _launch_arguments(query, key, bias, key_index, num_heads)
+    programs, sizes, constants = _launch_arguments(query, key, bias, key_index, num_heads)
     output = torch.empty_like(query)
-    logsumexp = query.new_empty(len(query), num_windows, num_heads, bias.shape[2], dtype=torch.float32)
-    wrap_triton(_gathered_attention_forward)[(num_windows * num_heads, len(query))](
-        query, key, value, bias, key_index, output, logsumexp, *sizes, scaling, **blocks
+    logsumexp = query.new_empty(len(query), bias.shape[0], num_heads, bias.shape[2], dtype=torch.float32)
+    kernel, launch = (_gathered_attention_forward, INTERPRETED_FORWARD) if INTERPRETED else (_tuned_forward, {})
+    wrap_triton(kernel)[(programs, len(query))](
+        query, key, value, bias, key_index, output, logsumexp, *sizes, scaling, **constants, **launch
     )
     return output, logsumexp
 
@@ -251,20 +309,17 @@ def triton_gathered_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `query`, `key`, `value` and `bias`; the attention matrix recomputed from `logsumexp`."""
     grad_output = grad_output.contiguous()
-    num_windows, num_key_blocks, sizes, blocks = _launch_arguments(
-        query, key, bias, key_index, num_heads, BACKWARD_KEY_BLOCK
-    )
-    batch_size = len(query)
-    programs = num_windows * num_heads * num_key_blocks
-    if query.is_cuda:
-        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(query.device).multi_processor_count
-        images_per_program = max(1, -(-batch_size * programs // target))
-    else:
-        images_per_program = 2  # (Triton's interpreter: groups of more than one image, as on a GPU)
+    programs, sizes, constants = _launch_arguments(query, key, bias, key_index, num_heads)
+    batch_size, num_keys = len(query), bias.shape[3]
+
+    def grid(meta):
+        return programs * -(-num_keys // meta["BLOCK_K"]), -(-batch_size // meta["IMAGES_PER_PROGRAM"])
+
     grad_query = torch.zeros_like(query, dtype=torch.float32)
     grad_key, grad_value = (torch.zeros_like(key, dtype=torch.float32) for _ in range(2))
     grad_bias = torch.zeros_like(bias, dtype=torch.float32)
-    wrap_triton(_gathered_attention_backward)[(programs, -(-batch_size // images_per_program))](
+    kernel, launch = (_gathered_attention_backward, INTERPRETED_BACKWARD) if INTERPRETED else (_tuned_backward, {})
+    wrap_triton(kernel)[grid](
         grad_output,
         query,
         key,
@@ -280,8 +335,8 @@ def triton_gathered_attention_backward(
         *sizes,
         scaling,
         batch_size,
-        images_per_program,
-        **blocks,
+        **constants,
+        **launch,
     )
     grads = (grad_query, grad_key, grad_value, grad_bias)
     return tuple(grad.to(tensor.dtype) for grad, tensor in zip(grads, (query, key, value, bias), strict=True))
@@ -313,9 +368,10 @@ def focal_triton_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """`attn_implementation="focal_triton"`: `focal_sdpa_attention`'s inputs and output, computed by
-    `triton_gathered_attention` where it applies (see the module's docstring), else by `focal_sdpa_attention`."""
+    `triton_gathered_attention` on CUDA (and the meta device, and in Triton's interpreter) without dropout outside
+    `torch.export`, else by `focal_sdpa_attention`."""
     runs_here = query.is_cuda or query.is_meta or INTERPRETED
-    if runs_here and dropout == 0.0 and fits(attention_mask) and not torch.compiler.is_exporting():
+    if runs_here and dropout == 0.0 and not torch.compiler.is_exporting():
         num_heads = attention_mask.shape[1]
         return triton_gathered_attention(query, key, value, attention_mask, key_index, num_heads, scaling)[0], None
     return focal_sdpa_attention(module, query, key, value, key_index, attention_mask, scaling, dropout, **kwargs)
@@ -323,3 +379,80 @@ def focal_triton_attention(
 
 focal_triton_attention.gathers_keys = True
 AttentionInterface.register("focal_triton", focal_triton_attention)
+
+LOW_PRECISION = {"query_ptr", "key_ptr", "value_ptr", "bias_ptr", "output_ptr", "grad_output_ptr"}  # (else float32)
+
+
+def compile_for_gpu(
+    capability: int, dtype: torch.dtype, window_area: int, num_keys: int, num_heads: int, head_dim: int
+):
+    """Both kernels compiled in every launch configuration for a CUDA GPU of compute capability `capability` (e.g. 90:
+    H100, H200), without one: Triton compiles for any target it is told of. Yields (kernel name, configuration,
+    compiled kernel)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRETED:
+        raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1): unset it to compile them")
+    meta = functools.partial(torch.empty, device="meta")
+    query, bias = meta(1, window_area, num_heads * head_dim, dtype=dtype), meta(1, num_heads, window_area, num_keys)
+    _, _, constants = _launch_arguments(query, query, bias, meta(1, num_keys, dtype=torch.int64), num_heads)
+    element = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    for name, kernel, configs in (
+        ("forward", _gathered_attention_forward, FORWARD_CONFIGS),
+        ("backward", _gathered_attention_backward, BACKWARD_CONFIGS),
+    ):
+        signature = {argument: _argument_type(argument, element) for argument in kernel.arg_names}
+        signature.update(dict.fromkeys([*constants, *configs[0].kwargs], "constexpr"))
+        for config in configs:
+            values = {**constants, **config.kwargs}
+            constexprs = {(kernel.arg_names.index(argument),): value for argument, value in values.items()}
+            options = {"num_warps": config.num_warps}
+            target = GPUTarget("cuda", capability, 32)
+            yield name, config, triton.compile(ASTSource(kernel, signature, constexprs), target=target, options=options)
+
+
+def _argument_type(argument: str, element: str) -> str:
+    """A kernel argument's Triton type (the kernels' scalars: float32 `scaling`, int32 sizes)."""
+    if argument.endswith("_ptr"):
+        return f"*{element}" if argument in LOW_PRECISION else "*i64" if argument == "key_index_ptr" else "*fp32"
+    return "fp32" if argument == "scaling" else "i32"
+
+
+def resource_usage(compiled) -> tuple[int, int]:
+    """Registers per thread and bytes spilled to local memory per thread of a compiled CUDA kernel (by the
+    `cuobjdump` that Triton ships)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        report = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    registers, stack = re.search(r"REG:(\d+) STACK:(\d+)", report).groups()
+    return int(registers), int(stack)
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description="Compile the focal_triton kernels in every launch configuration for a CUDA GPU, without one, and "
+        "print each one's registers and spills per thread (defaults: Focal-T's first stage)."
+    )
+    parser.add_argument("--capability", type=int, default=90, help="CUDA compute capability, e.g. 80, 90 (default)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--window-area", type=int, default=49)
+    parser.add_argument("--keys", type=int, default=224)
+    parser.add_argument("--heads", type=int, default=3)
+    parser.add_argument("--head-dim", type=int, default=32)
+    args = parser.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    shape = (args.window_area, args.keys, args.heads, args.head_dim)
+    print(
+        f"sm_{args.capability}, {args.dtype}, {args.window_area} queries, {args.keys} keys, {args.heads} heads of "
+        f"{args.head_dim}"
+    )
+    for name, config, compiled in compile_for_gpu(args.capability, dtype, *shape):
+        registers, stack = resource_usage(compiled)
+        print(f"{name} | {describe(config)} | {registers} registers | {stack} bytes spilled", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,9 +1,13 @@
 """The Triton candidate for the GPU path (`benchmarks/triton_attention.py`, `attn_implementation="focal_triton"`),
 run here by Triton's interpreter on the CPU: the same values and gradients as eager attention."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import import_script, tiny_config
+from conftest import BENCHMARKS, import_script, tiny_config
 from test_modeling import ATTENTIONS
 
 from focal_hf import FocalForImageClassification
@@ -18,25 +22,29 @@ def triton_attention():
     return module
 
 
-def random_inputs(dtype, batch_size=3, num_windows=4, num_heads=2, head_dim=24, num_tokens=70, num_keys=40):
+def random_inputs(dtype, batch_size=3, num_windows=4, num_heads=2, head_dim=24, num_tokens=70, num_keys=40, area=49):
     """query, key, value and bias (all requiring gradients) and a key index stored key by key, as layouts store it;
     the bias has masked (-inf) keys, and the index repeats tokens within and across windows."""
     torch.manual_seed(0)
-    query = torch.randn(batch_size, num_windows * 49, num_heads * head_dim)
+    query = torch.randn(batch_size, num_windows * area, num_heads * head_dim)
     key, value = (torch.randn(batch_size, num_tokens, num_heads * head_dim) for _ in range(2))
-    bias = torch.randn(num_windows, num_heads, 49, num_keys)
+    bias = torch.randn(num_windows, num_heads, area, num_keys)
     bias[..., -5:] = float("-inf")
     key_index = torch.randint(0, num_tokens, (num_keys, num_windows)).t()
     tensors = [tensor.to(dtype).requires_grad_() for tensor in (query, key, value, bias)]
     return *tensors, key_index
 
 
-@pytest.mark.parametrize("backward_key_block", [64, 16])
-def test_op_equals_the_cpu_op(triton_attention, monkeypatch, backward_key_block):
+@pytest.mark.parametrize(
+    "area, key_block",
+    [(49, 64), (49, 16), (80, 16)],  # keys in one block or in three (the last partly padding); queries in two blocks
+)
+def test_op_equals_the_cpu_op(triton_attention, monkeypatch, area, key_block):
     # head_dim 24 and 40 keys: blocks wider than the data (masked loads and stores); 3 images: a group of 2 and of 1;
-    # the backward pass in one block of keys, or in three (the last part padding), each adding to the query gradient
-    monkeypatch.setattr(triton_attention, "BACKWARD_KEY_BLOCK", backward_key_block)
-    query, key, value, bias, key_index = random_inputs(torch.float32)
+    # the forward pass's softmax over several key blocks; the backward pass's blocks each adding to the gradients
+    monkeypatch.setitem(triton_attention.INTERPRETED_FORWARD, "BLOCK_K", key_block)
+    monkeypatch.setitem(triton_attention.INTERPRETED_BACKWARD, "BLOCK_K", key_block)
+    query, key, value, bias, key_index = random_inputs(torch.float32, area=area)
     output, logsumexp = triton_attention.triton_gathered_attention(query, key, value, bias, key_index, 2, 0.3)
     expected, expected_logsumexp = cpu_gathered_attention(query, key, value, bias, key_index, 2, 0.3)
     torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
@@ -50,18 +58,16 @@ def test_op_equals_the_cpu_op(triton_attention, monkeypatch, backward_key_block)
         torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_too_large_layouts_and_dropout_fall_back_to_focal_sdpa(triton_attention, monkeypatch):
+def test_dropout_and_export_fall_back_to_focal_sdpa(triton_attention, monkeypatch):
     calls = []
     monkeypatch.setattr(triton_attention, "triton_gathered_attention", lambda *args: calls.append(args) or args)
     query, key, value, bias, key_index = random_inputs(torch.float32)
     module = torch.nn.Module()
-    for attention_mask, dropout, uses_kernel in ((bias, 0.0, True), (bias, 0.1, False)):
-        triton_attention.focal_triton_attention(module, query, key, value, key_index, attention_mask, 0.3, dropout)
-        assert len(calls) == uses_kernel
+    for dropout, exporting in ((0.0, False), (0.1, False), (0.0, True)):
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda exporting=exporting: exporting)
+        triton_attention.focal_triton_attention(module, query, key, value, key_index, bias, 0.3, dropout)
+        assert len(calls) == (dropout == 0.0 and not exporting)
         calls.clear()
-    assert triton_attention.fits(torch.empty(1, 1, 64, 256, device="meta"))
-    assert not triton_attention.fits(torch.empty(1, 1, 64, 257, device="meta"))
-    assert not triton_attention.fits(torch.empty(1, 1, 144, 200, device="meta"))  # (a window of 12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -96,3 +102,25 @@ def test_model_equals_eager_with_shift(triton_attention, monkeypatch, attention_
         else:  # (as test_modeling's folded-attention test: rounding noise aside, the gradients point the same way)
             cosine = torch.nn.functional.cosine_similarity(fused_grads[name].flatten(), grads[name].flatten(), dim=0)
             assert cosine > 0.99 or grads[name].abs().max() < 1e-4 * largest, name
+
+
+def test_kernels_compile_for_a_gpu(triton_attention):
+    # what the interpreter does not check: the kernels compiled for an H100/H200 (sm_90) in every launch
+    # configuration that triton.autotune tries there, by Triton's own compiler, without a GPU (a window of 12: several
+    # blocks of queries and of keys)
+    args = ["--capability", "90", "--window-area", "144", "--keys", "300", "--heads", "4", "--head-dim", "32"]
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "triton_attention.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "sm_90, bf16, 144 queries, 300 keys, 4 heads of 32"
+    rows = [line.split(" | ") for line in lines[1:]]
+    expected = [("forward", c) for c in triton_attention.FORWARD_CONFIGS]
+    expected += [("backward", c) for c in triton_attention.BACKWARD_CONFIGS]
+    assert [row[:2] for row in rows] == [[name, triton_attention.describe(config)] for name, config in expected]
+    assert all(0 < int(row[2].split()[0]) <= 255 and int(row[3].split()[0]) >= 0 for row in rows)
