@@ -58,7 +58,7 @@ else
 fi
 
 echo "== the fused Triton candidate against focal_sdpa: benchmarks/ablation.py --attention focal_triton"
-timeout -k 10 120 "$PYTHON" benchmarks/ablation.py --device cuda --dtype bf16 --attention focal_triton \
+timeout -k 10 150 "$PYTHON" benchmarks/ablation.py --device cuda --dtype bf16 --attention focal_triton \
     --modes train-64 infer-128 --steps 10 2>&1 | tee "$OUT/triton.txt" || status=1
 
 echo "== where a Focal-T training step goes: benchmarks/profile_gpu.py"

@@ -31,6 +31,19 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_launch_configuration():
+    """focal_triton's kernels in their first launch configuration only: `triton.autotune` would compile and time every
+    one for each of these tests' many block shapes (`ablation.py` tunes them; CI compiles every one for sm_90)."""
+    tuned = (triton_attention._tuned_forward, triton_attention._tuned_backward)
+    configs = [kernel.configs for kernel in tuned]
+    for kernel in tuned:
+        kernel.configs = kernel.configs[:1]
+    yield
+    for kernel, kept in zip(tuned, configs, strict=True):
+        kernel.configs = kept
+
+
 def _pair(attention_type, implementation="focal_sdpa"):
     """The same tiny model (shifted windows) with the eager attention and `implementation`, on the GPU."""
     models = []

@@ -48,14 +48,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # (as Triton decided wh
 DOT_IN_FLOAT32 = tl.constexpr(INTERPRETED)
 # Launch configurations (keys per step or program, images per backward program, warps), tried on a GPU at the first
 # call for each block shape and dtype (`triton.autotune`); Triton's interpreter runs the fixed ones below instead
-FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_K": block_keys}, num_warps=warps)
-    for block_keys, warps in ((64, 4), (128, 4), (128, 8), (256, 8))
-]
+FORWARD_CONFIGS = [triton.Config({"BLOCK_K": block_keys}, num_warps=warps) for block_keys, warps in ((64, 4), (128, 8))]
 BACKWARD_CONFIGS = [
-    triton.Config({"BLOCK_K": block_keys, "IMAGES_PER_PROGRAM": images}, num_warps=warps)
-    for block_keys in (32, 64)
-    for warps, images in ((4, 8), (8, 8), (8, 32))
+    triton.Config({"BLOCK_K": block_keys, "IMAGES_PER_PROGRAM": images}, num_warps=8)
+    for block_keys, images in ((32, 8), (64, 8), (32, 32))
 ]
 INTERPRETED_FORWARD = {"BLOCK_K": 64, "num_warps": 4}
 INTERPRETED_BACKWARD = {"BLOCK_K": 64, "IMAGES_PER_PROGRAM": 2, "num_warps": 4}
