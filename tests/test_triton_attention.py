@@ -58,6 +58,35 @@ def test_op_equals_the_cpu_op(triton_attention, monkeypatch, area, key_block):
         torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_tuned_launch_as_on_a_gpu(triton_attention, monkeypatch):
+    # the launch path a GPU takes (triton.autotune: every configuration run, the gradient buffers zeroed between runs,
+    # the grids computed from each configuration), its kernels interpreted; only the timer is replaced (none runs
+    # here): each configuration times faster than the one before, so the last is chosen. Every configuration runs
+    # twice, so gradients added twice would show
+    monkeypatch.setattr(triton_attention, "INTERPRETED", False)
+    for kernel in (triton_attention._tuned_forward, triton_attention._tuned_backward):
+        times = iter(range(100, 0, -1))
+
+        def timer(kernel_call, quantiles, times=times):
+            kernel_call(), kernel_call()
+            return [float(next(times))] * len(quantiles)
+
+        monkeypatch.setattr(kernel, "_do_bench", timer)
+        monkeypatch.setattr(kernel, "cache", {})
+    query, key, value, bias, key_index = random_inputs(torch.float32, area=80)
+    output = triton_attention.triton_gathered_attention(query, key, value, bias, key_index, 2, 0.3)[0]
+    expected = cpu_gathered_attention(query, key, value, bias, key_index, 2, 0.3)[0]
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+    grad_output = torch.randn_like(output)
+    inputs = (query, key, value, bias)
+    grads = torch.autograd.grad(output, inputs, grad_output)
+    for grad, expected_grad in zip(grads, torch.autograd.grad(expected, inputs, grad_output), strict=True):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+    chosen = triton_attention.tuned_configs()
+    last = (triton_attention.FORWARD_CONFIGS[-1], triton_attention.BACKWARD_CONFIGS[-1])
+    assert [list(configs.values()) for configs in chosen.values()] == [[triton_attention.describe(c)] for c in last]
+
+
 def test_dropout_and_export_fall_back_to_focal_sdpa(triton_attention, monkeypatch):
     calls = []
     monkeypatch.setattr(triton_attention, "triton_gathered_attention", lambda *args: calls.append(args) or args)
