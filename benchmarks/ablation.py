@@ -39,6 +39,7 @@ from benchmark import (
     MODELS,
     REFERENCE,
     build_model,
+    import_triton_attention,
     make_step,
     mode_type,
     positive_int,
@@ -143,7 +144,7 @@ def main():
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         if args.attention == "focal_triton":
-            import triton_attention  # noqa: F401  (registers it)
+            import_triton_attention("ablation.py")  # (registers it)
         if args.attention != "eager" and args.attention not in ALL_ATTENTION_FUNCTIONS:
             known = ", ".join(["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys(), "focal_triton"])
             parser.error(f"--attention: expected a registered attention implementation ({known}), got {args.attention}")
@@ -183,9 +184,7 @@ def main():
             flush=True,
         )
     if args.attention == "focal_triton":
-        import triton_attention
-
-        for kernel, chosen in triton_attention.tuned_configs().items():
+        for kernel, chosen in import_triton_attention("ablation.py").tuned_configs().items():
             for shape, config in chosen.items():
                 print(f"focal_triton {kernel} {shape}: {config}")
 

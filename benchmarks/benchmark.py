@@ -92,6 +92,16 @@ def require_cuda(script: str) -> None:
         sys.exit(f"{script}: --device cuda, but torch {torch.__version__} sees no CUDA GPU here")
 
 
+def import_triton_attention(script: str):
+    """`benchmarks/triton_attention.py` (which registers `attn_implementation="focal_triton"`), or exit with one line
+    if Triton is missing."""
+    try:
+        import triton_attention
+    except ImportError as error:
+        sys.exit(f"{script}: --attention focal_triton needs Triton ({error}); `pip install triton` (Linux x86-64)")
+    return triton_attention
+
+
 def build_model(name: str, image_size: int = 224, num_labels: int = 1000, without: tuple[str, ...] = ()):
     """An ImageNet classifier with random weights: an official Focal architecture or transformers' Swin-T; Focal
     models with the speed and memory mechanisms named in `without` (`MECHANISMS`) turned off (`turn_off`)."""

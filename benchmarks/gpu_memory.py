@@ -33,7 +33,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from benchmark import MECHANISMS, MODELS, REFERENCE, build_model, positive_int, write_json
+from benchmark import MECHANISMS, MODELS, REFERENCE, build_model, import_triton_attention, positive_int, write_json
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -216,7 +216,7 @@ def main():
     parser.add_argument("--json", help="also write the estimates (MiB, or GB with --traffic) to this JSON file")
     args = parser.parse_args()
     if args.attention == "focal_triton":
-        import triton_attention  # noqa: F401  (registers it)
+        import_triton_attention("gpu_memory.py")  # (registers it)
     models = [REFERENCE] + [name for name in args.models if name != REFERENCE]
     results = []
     without = tuple(args.without)

@@ -331,6 +331,17 @@ def test_gpu_memory_run_end_to_end():
     assert 0 < float(rows[0][1].split()[0]) < float(rows[1][1].split()[0])  # Focal-T moves more than Swin-T
 
 
+def test_fused_candidate_without_triton_is_refused_in_one_line(tmp_path):
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text('raise ImportError("no Triton in this test")\n')
+    pythonpath = os.pathsep.join([str(tmp_path), str(SRC)])
+    for script in ("gpu_memory.py", "ablation.py"):
+        result = run_script("--attention", "focal_triton", script=script, PYTHONPATH=pythonpath)
+        assert result.returncode != 0 and result.stdout == "", script
+        assert result.stderr.strip().count("\n") == 0, result.stderr[-2000:]
+        assert f"{script}: --attention focal_triton needs Triton (no Triton in this test)" in result.stderr
+
+
 def test_gpu_memory_estimates_the_fused_candidate():
     # Focal-T with the fused Triton candidate on the meta device (its op's fake implementation gives the outputs; run
     # without Triton's interpreter, which would launch the kernels): without the gathered keys, their gradients and
