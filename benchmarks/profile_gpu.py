@@ -1,10 +1,11 @@
 """Where a bf16 training step of Focal-T goes on a GPU: the top CUDA kernels of one step (torch.profiler), beside
-transformers' Swin-T. `python benchmarks/profile_gpu.py [--batch-size 64] [--image-size 224]`."""
+transformers' Swin-T. `python benchmarks/profile_gpu.py [--batch-size 64] [--image-size 224] [--attention focal_triton]`
+(`--attention`: the Focal models with the fused Triton candidate, benchmarks/triton_attention.py)."""
 
 import argparse
 
 import torch
-from benchmark import build_model
+from benchmark import REFERENCE, build_model, import_triton_attention
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -14,12 +15,24 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument(
+        "--attention", choices=["focal_triton"], help="the Focal models' attention (default focal_sdpa)"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_gpu.py: needs a CUDA GPU")
+    if args.attention == "focal_triton":
+        import_triton_attention("profile_gpu.py")  # (registers it)
     for name in args.models:
-        print(f"\n=== {name}, batch {args.batch_size}, {args.image_size} px, bf16 autocast training step")
-        print(profile_step(build_model(name, args.image_size), args.batch_size, args.image_size, args.rows))
+        model = build_model(name, args.image_size)
+        attention = args.attention if args.attention and name != REFERENCE else None
+        if attention:
+            model.set_attn_implementation(attention)
+        print(
+            f"\n=== {name}{f' ({attention})' if attention else ''}, batch {args.batch_size}, {args.image_size} px, "
+            "bf16 autocast training step"
+        )
+        print(profile_step(model, args.batch_size, args.image_size, args.rows))
         torch.cuda.empty_cache()
 
 
