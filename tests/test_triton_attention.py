@@ -1,5 +1,6 @@
 """The Triton candidate for the GPU path (`benchmarks/triton_attention.py`, `attn_implementation="focal_triton"`),
-run here by Triton's interpreter on the CPU: the same values and gradients as eager attention."""
+run here by Triton's interpreter on the CPU: the same values and gradients as eager attention and the CPU op, also
+through the launch path a GPU takes (autotuning); and its kernels compiled for a GPU (sm_90) without one."""
 
 import os
 import subprocess
