@@ -284,37 +284,42 @@ AttentionInterface.register("focal_sdpa_off_the_cpu", focal_sdpa_off_the_cpu)
 def test_folded_attention_equals_eager_with_shift(attention_type, size, checkpointing, dtype):
     # the path of every non-CPU device: one attention call with the windows folded into the heads and one bias
     # broadcast over the batch, the folding recomputed in the backward pass (also inside gradient checkpointing)
+    assert_equals_eager_with_shift(attention_type, "focal_sdpa_off_the_cpu", size, dtype, checkpointing)
+
+
+def assert_equals_eager_with_shift(attention_type, attn_implementation, size, dtype, checkpointing=False):
+    """A tiny model with shifted windows run with `attn_implementation` (gradient checkpointing on if asked) gives the
+    logits and the gradients of the input and of every parameter that the same model gives with eager attention: in
+    float32 within 1e-5, in bfloat16 within the usual tolerance."""
     overrides = dict(use_shift=True, depths=[2, 2, 2, 1])
     eager = make(FocalForImageClassification, attention_type, attn_implementation="eager", **overrides).train()
-    folded = make(
-        FocalForImageClassification, attention_type, attn_implementation="focal_sdpa_off_the_cpu", **overrides
-    )
-    folded.train().load_state_dict(eager.state_dict())
+    other = make(FocalForImageClassification, attention_type, attn_implementation=attn_implementation, **overrides)
+    other.train().load_state_dict(eager.state_dict())
     if checkpointing:
-        folded.gradient_checkpointing_enable()
-    eager, folded = eager.to(dtype), folded.to(dtype)
+        other.gradient_checkpointing_enable()
+    eager, other = eager.to(dtype), other.to(dtype)
     pixel_values, labels = torch.randn(2, 3, *size, dtype=dtype), torch.tensor([0, 4])
     results = []
-    for model in (eager, folded):
+    for model in (eager, other):
         model.zero_grad()
         inputs = pixel_values.clone().requires_grad_()
         output = model(inputs, labels=labels)
         output.loss.backward()
         gradients = {name: p.grad.float() for name, p in model.named_parameters()}
         results.append((output.logits.float(), inputs.grad.float(), gradients))
-    (logits, input_grad, grads), (folded_logits, folded_input_grad, folded_grads) = results
+    (logits, input_grad, grads), (other_logits, other_input_grad, other_grads) = results
     assert len(grads) == len(list(eager.parameters()))  # every parameter, the bias tables and MLPs included
     tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=5e-2)
     largest = max(float(gradient.abs().max()) for gradient in grads.values())
-    torch.testing.assert_close(folded_logits, logits, **tolerance)
-    torch.testing.assert_close(folded_input_grad, input_grad, **tolerance)
+    torch.testing.assert_close(other_logits, logits, **tolerance)
+    torch.testing.assert_close(other_input_grad, input_grad, **tolerance)
     for name in grads:
         if dtype == torch.float32:
-            torch.testing.assert_close(folded_grads[name], grads[name], **tolerance, msg=name)
+            torch.testing.assert_close(other_grads[name], grads[name], **tolerance, msg=name)
         else:  # bfloat16: rounding differs between the paths; the gradients point the same way, but for those
             # that are rounding noise (under 1/10,000 of the largest: sums that nearly cancel, such as the gradient of
             # a bias added to every logit of a focal level)
-            cosine = torch.nn.functional.cosine_similarity(folded_grads[name].flatten(), grads[name].flatten(), dim=0)
+            cosine = torch.nn.functional.cosine_similarity(other_grads[name].flatten(), grads[name].flatten(), dim=0)
             assert cosine > 0.99 or grads[name].abs().max() < 1e-4 * largest, name
 
 

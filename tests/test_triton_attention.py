@@ -8,10 +8,9 @@ import sys
 
 import pytest
 import torch
-from conftest import BENCHMARKS, import_script, tiny_config
-from test_modeling import ATTENTIONS
+from conftest import BENCHMARKS, import_script
+from test_modeling import ATTENTIONS, assert_equals_eager_with_shift
 
-from focal_hf import FocalForImageClassification
 from focal_hf.modeling_focal import cpu_gathered_attention
 
 
@@ -106,32 +105,8 @@ def test_dropout_and_export_fall_back_to_focal_sdpa(triton_attention, monkeypatc
 def test_model_equals_eager_with_shift(triton_attention, monkeypatch, attention_type, size, dtype):
     kernel, calls = triton_attention.triton_gathered_attention, []
     monkeypatch.setattr(triton_attention, "triton_gathered_attention", lambda *args: calls.append(1) or kernel(*args))
-    overrides = dict(attention_type=attention_type, focal_topk=12, use_shift=True, depths=[2, 2, 2, 1])
-    eager = FocalForImageClassification(tiny_config(attn_implementation="eager", **overrides))
-    fused = FocalForImageClassification(tiny_config(attn_implementation="focal_triton", **overrides))
-    fused.load_state_dict(eager.state_dict())
-    eager, fused = eager.to(dtype).train(), fused.to(dtype).train()
-    pixel_values, labels = torch.randn(2, 3, *size, dtype=dtype), torch.tensor([0, 4])
-    results = []
-    for model in (eager, fused):
-        inputs = pixel_values.clone().requires_grad_()
-        output = model(inputs, labels=labels)
-        output.loss.backward()
-        gradients = {name: p.grad.float() for name, p in model.named_parameters()}
-        results.append((output.logits.float(), inputs.grad.float(), gradients))
-    (logits, input_grad, grads), (fused_logits, fused_input_grad, fused_grads) = results
-    assert len(grads) == len(list(eager.parameters()))  # every parameter, the bias tables and MLPs included
+    assert_equals_eager_with_shift(attention_type, "focal_triton", size, dtype)
     assert len(calls) == 7  # every block ran the kernels
-    tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=5e-2)
-    torch.testing.assert_close(fused_logits, logits, **tolerance)
-    torch.testing.assert_close(fused_input_grad, input_grad, **tolerance)
-    largest = max(float(gradient.abs().max()) for gradient in grads.values())
-    for name in grads:
-        if dtype == torch.float32:
-            torch.testing.assert_close(fused_grads[name], grads[name], **tolerance, msg=name)
-        else:  # (as test_modeling's folded-attention test: rounding noise aside, the gradients point the same way)
-            cosine = torch.nn.functional.cosine_similarity(fused_grads[name].flatten(), grads[name].flatten(), dim=0)
-            assert cosine > 0.99 or grads[name].abs().max() < 1e-4 * largest, name
 
 
 def test_kernels_compile_for_a_gpu(triton_attention):
