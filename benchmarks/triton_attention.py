@@ -39,7 +39,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from transformers import AttentionInterface
 
-from focal_hf.modeling_focal import focal_sdpa_attention
+from focal_hf.modeling_focal import focal_sdpa_attention, register_gathered_attention_backward
 
 QUERY_BLOCK = 64  # queries per program (a window of 7 in one block)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # (as Triton decided when this module's kernels were made)
@@ -304,7 +304,7 @@ def triton_gathered_attention_backward(
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `query`, `key`, `value` and `bias`; the attention matrix recomputed from `logsumexp`."""
-    grad_output = grad_output.contiguous()
+    grad_output, query, key, value, bias = (t.contiguous() for t in (grad_output, query, key, value, bias))
     programs, sizes, constants = _launch_arguments(query, key, bias, key_index, num_heads)
     batch_size, num_keys = len(query), bias.shape[3]
 
@@ -338,18 +338,7 @@ def triton_gathered_attention_backward(
     return tuple(grad.to(tensor.dtype) for grad, tensor in zip(grads, (query, key, value, bias), strict=True))
 
 
-def _setup_context(ctx, inputs, output):
-    query, key, value, bias, key_index, ctx.num_heads, ctx.scaling = inputs
-    query, key, value, bias = (tensor.contiguous() for tensor in (query, key, value, bias))
-    ctx.save_for_backward(query, key, value, bias, key_index, *output)
-
-
-def _differentiate(ctx, grad_output, grad_logsumexp):
-    grads = triton_gathered_attention_backward(grad_output, *ctx.saved_tensors, ctx.num_heads, ctx.scaling)
-    return *grads, None, None, None
-
-
-triton_gathered_attention.register_autograd(_differentiate, setup_context=_setup_context)
+register_gathered_attention_backward(triton_gathered_attention, triton_gathered_attention_backward)
 
 
 def focal_triton_attention(

@@ -684,6 +684,17 @@ def _register_cpu_gathered_attention():
     def _(grad_output, query, key, value, bias, key_index, output, logsumexp, num_heads, scaling):
         return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), torch.empty_like(bias)
 
+    register_gathered_attention_backward(forward, backward)
+    return getattr(torch.ops.focal_transformer, CPU_ATTENTION_OP)
+
+
+def register_gathered_attention_backward(forward, backward) -> None:
+    """Differentiate a custom op of attention over gathered keys, `forward(query, key, value, bias, key_index,
+    num_heads, scaling) -> (output, logsumexp)`, by its backward op, `backward(grad_output, query, key, value, bias,
+    key_index, output, logsumexp, num_heads, scaling) -> (grad_query, grad_key, grad_value, grad_bias)`: the inputs
+    and both outputs are saved for it, the log-sum-exp's gradient is not used (`cpu_gathered_attention`; also
+    `benchmarks/triton_attention.py`)."""
+
     def setup_context(ctx, inputs, output):
         query, key, value, bias, key_index, ctx.num_heads, ctx.scaling = inputs
         ctx.save_for_backward(query, key, value, bias, key_index, *output)
@@ -693,7 +704,6 @@ def _register_cpu_gathered_attention():
         return *grads, None, None, None
 
     forward.register_autograd(differentiate, setup_context=setup_context)
-    return getattr(torch.ops.focal_transformer, CPU_ATTENTION_OP)
 
 
 cpu_gathered_attention = _register_cpu_gathered_attention()
