@@ -86,6 +86,28 @@ def _key_block(key_index_ptr, window, index_window_stride, index_key_stride, key
 
 
 @triton.jit
+def _queries(window_head, query_block, num_heads, WINDOW_AREA, HEAD_DIM, BLOCK_A, BLOCK_D):
+    """A program's window, head, rows of queries (with their mask), columns of the head (with theirs), and the
+    offsets and mask of its `(queries, head_dim)` tile of a window's queries."""
+    window, head = window_head // num_heads, window_head % num_heads
+    rows, dims = query_block * BLOCK_A + tl.arange(0, BLOCK_A), tl.arange(0, BLOCK_D)
+    row_ok, dim_ok = rows < WINDOW_AREA, dims < HEAD_DIM
+    columns = head * HEAD_DIM + dims
+    queries_at, query_mask = _tile(rows, num_heads * HEAD_DIM, columns, row_ok, dim_ok)
+    return window, head, rows, row_ok, columns, dim_ok, queries_at, query_mask
+
+
+@triton.jit
+def _image_starts(image, window, head, num_windows, num_heads, num_tokens, WINDOW_AREA, HEAD_DIM):
+    """Where an image's window starts in the queries (and outputs), its sources in the keys and values, and its rows
+    for a head in the log-sum-exp."""
+    dim = num_heads * HEAD_DIM
+    first_query = (image * num_windows + window) * WINDOW_AREA * dim
+    first_row = ((image * num_windows + window) * num_heads + head) * WINDOW_AREA
+    return first_query, image * num_tokens * dim, first_row
+
+
+@triton.jit
 def _gathered_attention_forward(
     query_ptr,
     key_ptr,
@@ -111,14 +133,13 @@ def _gathered_attention_forward(
     window_head, query_block = tl.program_id(0) // num_query_blocks, tl.program_id(0) % num_query_blocks
     image = tl.program_id(1).to(tl.int64)
     num_windows = tl.num_programs(0) // (num_query_blocks * num_heads)
-    window, head = window_head // num_heads, window_head % num_heads
+    window, head, rows, row_ok, columns, dim_ok, queries_at, query_mask = _queries(
+        window_head, query_block, num_heads, WINDOW_AREA, HEAD_DIM, BLOCK_A, BLOCK_D
+    )
     dim = num_heads * HEAD_DIM
-    rows, dims = query_block * BLOCK_A + tl.arange(0, BLOCK_A), tl.arange(0, BLOCK_D)
-    row_ok, dim_ok = rows < WINDOW_AREA, dims < HEAD_DIM
-    columns = head * HEAD_DIM + dims
-    queries_at, query_mask = _tile(rows, dim, columns, row_ok, dim_ok)
-    first_query = (image * num_windows + window) * WINDOW_AREA * dim
-    first_key = image * num_tokens * dim
+    first_query, first_key, first_row = _image_starts(
+        image, window, head, num_windows, num_heads, num_tokens, WINDOW_AREA, HEAD_DIM
+    )
     first_bias = window_head * WINDOW_AREA * NUM_KEYS
     query = tl.load(query_ptr + first_query + queries_at, mask=query_mask, other=0.0)
 
@@ -146,7 +167,6 @@ def _gathered_attention_forward(
 
     output = output / total[:, None]
     tl.store(output_ptr + first_query + queries_at, output.to(output_ptr.dtype.element_ty), mask=query_mask)
-    first_row = ((image * num_windows + window) * num_heads + head) * WINDOW_AREA
     tl.store(logsumexp_ptr + first_row + rows, maximum + tl.log(total), mask=row_ok)
 
 
@@ -185,13 +205,12 @@ def _gathered_attention_backward(
     key_block = tl.program_id(0) // num_query_blocks % num_key_blocks
     window_head = tl.program_id(0) // (num_query_blocks * num_key_blocks)
     num_windows = tl.num_programs(0) // (num_query_blocks * num_key_blocks * num_heads)
-    window, head = window_head // num_heads, window_head % num_heads
+    window, head, rows, row_ok, columns, dim_ok, queries_at, query_mask = _queries(
+        window_head, query_block, num_heads, WINDOW_AREA, HEAD_DIM, BLOCK_A, BLOCK_D
+    )
     dim = num_heads * HEAD_DIM
-    rows, dims = query_block * BLOCK_A + tl.arange(0, BLOCK_A), tl.arange(0, BLOCK_D)
     keys = key_block * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_ok, key_ok, dim_ok = rows < WINDOW_AREA, keys < NUM_KEYS, dims < HEAD_DIM
-    columns = head * HEAD_DIM + dims
-    queries_at, query_mask = _tile(rows, dim, columns, row_ok, dim_ok)
+    key_ok = keys < NUM_KEYS
     keys_at, key_mask = _key_block(
         key_index_ptr, window, index_window_stride, index_key_stride, keys, key_ok, dim, columns, dim_ok
     )
@@ -202,14 +221,14 @@ def _gathered_attention_backward(
 
     first_image = tl.program_id(1).to(tl.int64) * IMAGES_PER_PROGRAM
     for image in range(first_image, tl.minimum(first_image + IMAGES_PER_PROGRAM, batch_size)):
-        first_query = (image * num_windows + window) * WINDOW_AREA * dim
-        first_key = image * num_tokens * dim
+        first_query, first_key, first_row = _image_starts(
+            image, window, head, num_windows, num_heads, num_tokens, WINDOW_AREA, HEAD_DIM
+        )
         query = tl.load(query_ptr + first_query + queries_at, mask=query_mask, other=0.0)
         keys_tile = tl.load(key_ptr + first_key + keys_at, mask=key_mask, other=0.0)
         values = tl.load(value_ptr + first_key + keys_at, mask=key_mask, other=0.0)
         grad_output = tl.load(grad_output_ptr + first_query + queries_at, mask=query_mask, other=0.0)
         output = tl.load(output_ptr + first_query + queries_at, mask=query_mask, other=0.0)
-        first_row = ((image * num_windows + window) * num_heads + head) * WINDOW_AREA
         logsumexp = tl.load(logsumexp_ptr + first_row + rows, mask=row_ok, other=0.0)
 
         probs = tl.exp(_scores(query, keys_tile, bias, key_ok, scaling, PRECISION) - logsumexp[:, None])
