@@ -65,7 +65,17 @@ def _run(model, pixel_values, labels):
     model.zero_grad(set_to_none=True)
     out = model(pixel_values, labels=labels)
     out.loss.backward()
-    return out.logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    grads = {name.removeprefix("_orig_mod."): p.grad.detach().clone() for name, p in model.named_parameters()}
+    return out.logits.detach(), grads  # (`_orig_mod.`: a compiled module's parameter names)
+
+
+def assert_equals_reference(reference, logits, grads):
+    """`logits` and `grads` (of `_run`) equal the `reference` ones in float32 within 1e-4."""
+    reference_logits, reference_grads = reference
+    torch.testing.assert_close(logits, reference_logits, atol=1e-4, rtol=0)
+    assert grads.keys() == reference_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], reference_grads[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -78,13 +88,9 @@ def test_values_and_gradients_equal_eager(attention_type, size, implementation, 
     eager, fused = _pair(attention_type, implementation)
     pixel_values = torch.randn(3, 3, *size, device="cuda")
     labels = torch.tensor([0, 4, 2], device="cuda")
-    reference_logits, reference = _run(eager, pixel_values, labels)
+    reference = _run(eager, pixel_values, labels)
     with sdpa_kernel(backend) if backend is not None else torch.enable_grad():
-        logits, grads = _run(fused, pixel_values, labels)
-    torch.testing.assert_close(logits, reference_logits, atol=1e-4, rtol=0)
-    assert grads.keys() == reference.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], reference[name], atol=1e-4, rtol=1e-3, msg=name)
+        assert_equals_reference(reference, *_run(fused, pixel_values, labels))
 
 
 @pytest.mark.parametrize("implementation", ["focal_sdpa", "focal_triton"])
@@ -121,11 +127,7 @@ def test_triton_at_focal_tiny_size_equals_focal_sdpa():
     fused.load_state_dict(sdpa.state_dict())
     pixel_values = torch.randn(2, 3, 224, 224, device="cuda")
     labels = torch.tensor([1, 7], device="cuda")
-    reference_logits, reference = _run(sdpa, pixel_values, labels)
-    logits, grads = _run(fused, pixel_values, labels)
-    torch.testing.assert_close(logits, reference_logits, atol=1e-4, rtol=0)
-    for name in grads:
-        torch.testing.assert_close(grads[name], reference[name], atol=1e-4, rtol=1e-3, msg=name)
+    assert_equals_reference(_run(sdpa, pixel_values, labels), *_run(fused, pixel_values, labels))
 
 
 def test_triton_compiles_in_one_graph():
@@ -133,13 +135,7 @@ def test_triton_compiles_in_one_graph():
     compiled = torch.compile(fused, fullgraph=True)
     pixel_values = torch.randn(4, 3, 96, 96, device="cuda")
     labels = torch.tensor([0, 1, 2, 3], device="cuda")
-    reference_logits, reference = _run(eager, pixel_values, labels)
-    logits, grads = _run(compiled, pixel_values, labels)
-    grads = {name.removeprefix("_orig_mod."): grad for name, grad in grads.items()}  # (the compiled wrapper's names)
-    torch.testing.assert_close(logits, reference_logits, atol=1e-4, rtol=0)
-    assert grads.keys() == reference.keys()
-    for name in reference:
-        torch.testing.assert_close(grads[name], reference[name], atol=1e-4, rtol=1e-3, msg=name)
+    assert_equals_reference(_run(eager, pixel_values, labels), *_run(compiled, pixel_values, labels))
 
 
 def test_training_keeps_no_gathered_keys_on_gpu(monkeypatch):
