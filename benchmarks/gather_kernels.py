@@ -1,7 +1,7 @@
 """The key/value gather of the GPU path, alone: ways to take each window's keys from their token source, timed
 forward and backward at every block shape of a model, so that the next change to `gather_keys` is chosen by
-measurement. On an H200 the gathers and their backward pass were a fifth of a Focal-T training step (README,
-"Performance"; of the earlier head-major gather).
+measurement. On an H200 the gathers and their backward pass were a fifth of a Focal-T training step
+(docs/performance.md; of the earlier head-major gather).
 
     python benchmarks/gather_kernels.py                           # CUDA, bf16, Focal-T, batch 64, 224 px
     python benchmarks/gather_kernels.py --device cpu --batch-size 2 --image-size 64 --dtype fp32   # a check
