@@ -122,23 +122,26 @@ def test_compile_dynamic_fullgraph_is_one_graph_for_every_size(model):
         torch.testing.assert_close(logits, eager_logits(model, pixel_values), rtol=0, atol=1e-4)
 
 
-def test_compiled_training_step_with_inductor_gives_the_eager_gradients():
-    # training compiles with `dynamic=False` (README: torch 2.13's inductor fails on symbolic sizes in training), here
-    # with inductor's C++ code generation, the default attention (the CPU op, one opaque node)
+def test_compiled_training_steps_at_two_sizes_with_inductor_give_the_eager_gradients():
+    # `torch.compile`'s default compiles the first input size as it is and, at a second size, a graph with symbolic
+    # sizes (where torch 2.13's inductor failed on the stages' channels-last maps: `channels_first`); with inductor's
+    # C++ code generation and the default attention (the CPU op, one opaque node)
     torch.manual_seed(0)
     config = tiny_config(focal_topk=12, use_shift=True)
     model, reference = FocalForImageClassification(config).train(), FocalForImageClassification(config).train()
     reference.load_state_dict(model.state_dict())
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="inductor", fullgraph=True, dynamic=False)
-    pixel_values, labels = torch.randn(2, 3, 64, 96), torch.tensor([0, 1])
-    loss = compiled(pixel_values, labels=labels).loss
-    loss.backward()
-    reference_loss = reference(pixel_values, labels=labels).loss
-    reference_loss.backward()
-    torch.testing.assert_close(loss, reference_loss, atol=1e-5, rtol=0)
-    for (name, parameter), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(parameter.grad, expected.grad, atol=1e-5, rtol=1e-4, msg=name)
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    for size in [(64, 96), (96, 64)]:
+        model.zero_grad(), reference.zero_grad()
+        pixel_values, labels = torch.randn(2, 3, *size), torch.tensor([0, 1])
+        loss = compiled(pixel_values, labels=labels).loss
+        loss.backward()
+        reference_loss = reference(pixel_values, labels=labels).loss
+        reference_loss.backward()
+        torch.testing.assert_close(loss, reference_loss, atol=1e-5, rtol=0)
+        for (name, parameter), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(parameter.grad, expected.grad, atol=1e-5, rtol=1e-4, msg=f"{size}: {name}")
 
 
 def test_mixed_precision_casts_the_projections_input_once_and_compiles_whole():

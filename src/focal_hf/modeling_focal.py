@@ -156,6 +156,15 @@ def copy_as(tensor: torch.Tensor, *shape) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format).view(*shape)
 
 
+def channels_first(hidden_states: torch.Tensor) -> torch.Tensor:
+    """A map `(batch_size, height, width, channels)` as `(batch_size, channels, height, width)` for a convolution or
+    pooling: a view; compiled, a contiguous copy (which inductor fuses into the map's producer). Torch 2.13's inductor
+    cannot order the strides of the view when the map's sides are symbolic (`cannot determine truth value of
+    Relational`, pytorch/pytorch#185510), which made `torch.compile` fail to train at a second input size."""
+    hidden_states = hidden_states.permute(0, 3, 1, 2)
+    return copy_as(hidden_states, *hidden_states.shape) if torch.compiler.is_compiling() else hidden_states
+
+
 def window_partition(hidden_states: torch.Tensor, window_size: int) -> torch.Tensor:
     """`(batch_size, height, width, channels)` (sides multiples of `window_size`) -> its tokens window by window
     `(batch_size, num_windows * window_size**2, channels)`: windows row-major, tokens row-major within each."""
@@ -881,13 +890,13 @@ class FocalWindowPooling(nn.Module):
         if self.pool_method == "fc":  # a weighted sum of each sub-window's tokens
             sub_windows = hidden_states.view(batch_size, target_h // size, size, target_w // size, size, channels)
             return self.pool_layers[level](sub_windows)
-        channels_first = hidden_states.permute(0, 3, 1, 2)
+        spatial = channels_first(hidden_states)
         if self.pool_method == "mean":
-            pooled = F.avg_pool2d(channels_first, size)
+            pooled = F.avg_pool2d(spatial, size)
         elif self.pool_method == "max":
-            pooled = F.max_pool2d(channels_first, size)
+            pooled = F.max_pool2d(spatial, size)
         else:
-            pooled = self.pool_layers[level](channels_first)
+            pooled = self.pool_layers[level](spatial)
         return pooled.permute(0, 2, 3, 1)
 
     def forward(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
@@ -1288,7 +1297,7 @@ class FocalStage(nn.Module):
             hidden_states, attn_weights = block(hidden_states, input_dimensions, **kwargs)
 
         batch_size, _, channels = hidden_states.shape
-        spatial = hidden_states.view(batch_size, height, width, channels).permute(0, 3, 1, 2)
+        spatial = channels_first(hidden_states.view(batch_size, height, width, channels))
         reshaped = spatial if output_maps else None
         output_dimensions = input_dimensions
         if self.downsample is not None:
