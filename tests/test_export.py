@@ -133,7 +133,8 @@ def test_compiled_training_steps_at_two_sizes_with_inductor_give_the_eager_gradi
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="inductor", fullgraph=True)
     for size in [(64, 96), (96, 64)]:
-        model.zero_grad(), reference.zero_grad()
+        model.zero_grad()
+        reference.zero_grad()
         pixel_values, labels = torch.randn(2, 3, *size), torch.tensor([0, 1])
         loss = compiled(pixel_values, labels=labels).loss
         loss.backward()

@@ -158,9 +158,9 @@ def copy_as(tensor: torch.Tensor, *shape) -> torch.Tensor:
 
 def channels_first(hidden_states: torch.Tensor) -> torch.Tensor:
     """A map `(batch_size, height, width, channels)` as `(batch_size, channels, height, width)` for a convolution or
-    pooling: a view; compiled, a contiguous copy (which inductor fuses into the map's producer). Torch 2.13's inductor
-    cannot order the strides of the view when the map's sides are symbolic (`cannot determine truth value of
-    Relational`, pytorch/pytorch#185510), which made `torch.compile` fail to train at a second input size."""
+    pooling: a view; compiled, a contiguous copy. Torch 2.13's inductor cannot order the strides of the view when the
+    map's sides are symbolic (`cannot determine truth value of Relational`, pytorch/pytorch#185510), which made
+    `torch.compile` fail to train at a second input size."""
     hidden_states = hidden_states.permute(0, 3, 1, 2)
     return copy_as(hidden_states, *hidden_states.shape) if torch.compiler.is_compiling() else hidden_states
 
