@@ -1,4 +1,5 @@
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -44,6 +45,15 @@ def import_script(name: str):
         return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
+
+
+def synthetic_official_checkpoint(name: str, path: Path) -> Path:
+    """An official checkpoint file of architecture `name` as the official code saves it (`{"model": state_dict}`,
+    every key and shape of the published one, `official_checkpoints.json`), with random weights; `path`."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = json.loads((FIXTURES / "official_checkpoints.json").read_text())[name]["state_dict"]
+    torch.save({"model": {key: torch.randn(shape, generator=generator) * 0.02 for key, shape in shapes.items()}}, path)
+    return path
 
 
 def tiny_config(**overrides):

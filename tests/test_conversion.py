@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import FIXTURES, PARITY_CASES, hub_http_error, load_without_focal_hf
+from conftest import FIXTURES, PARITY_CASES, hub_http_error, load_without_focal_hf, synthetic_official_checkpoint
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 from safetensors.torch import load_file
@@ -70,13 +70,9 @@ def test_fixtures_convert_end_to_end(tmp_path, case):
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_FILES))
 def test_every_official_architecture_from_a_synthetic_checkpoint(tmp_path, name):
-    generator = torch.Generator().manual_seed(0)
-    state_dict = {
-        key: torch.randn(shape, generator=generator) * 0.02 for key, shape in OFFICIAL[name]["state_dict"].items()
-    }
-    torch.save({"model": state_dict}, tmp_path / "checkpoint.pth")
+    checkpoint = synthetic_official_checkpoint(name, tmp_path / "checkpoint.pth")
     output = tmp_path / name
-    assert run("--model-name", name, "--checkpoint", tmp_path / "checkpoint.pth", "--output-dir", output) == 0
+    assert run("--model-name", name, "--checkpoint", checkpoint, "--output-dir", output) == 0
     config = json.loads((output / "config.json").read_text())
     assert config["id2label"]["0"] == "tench, Tinca tinca" and len(config["id2label"]) == 1000
     weights = load_file(output / "model.safetensors")

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, tiny_config
+from conftest import FIXTURES, synthetic_official_checkpoint, tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import pipeline
 from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
 
-from focal_hf import FocalForImageClassification, FocalImageProcessor, official_config
+from focal_hf import FocalForImageClassification, FocalImageProcessor, convert
 from focal_hf.convert import imagenet_labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,16 +60,11 @@ def run(test: str, folder: Path, monkeypatch, namespace: dict | None = None, **n
     return namespace
 
 
-def save_official(name: str, folder: Path) -> FocalForImageClassification:
-    """`folder` as `focal-convert --model-name NAME` writes it: the official architecture with ImageNet's labels (random
-    weights here) and its image processor; the model."""
-    config = official_config(name)
-    config.id2label = dict(enumerate(imagenet_labels()))
-    config.label2id = {label: index for index, label in config.id2label.items()}
-    model = FocalForImageClassification(config).eval()
-    model.save_pretrained(folder)
-    FocalImageProcessor().save_pretrained(folder)
-    return model
+def convert_official(name: str, folder: Path) -> FocalForImageClassification:
+    """`focal-convert --model-name NAME` into `folder`, from an official checkpoint with random weights; the model."""
+    checkpoint = synthetic_official_checkpoint(name, folder.with_suffix(".pth"))
+    assert convert.main(["--model-name", name, "--checkpoint", str(checkpoint), "--output-dir", str(folder)]) == 0
+    return FocalForImageClassification.from_pretrained(folder).eval()
 
 
 def copy_flower(folder: Path) -> Path:
@@ -83,7 +78,7 @@ def test_every_python_block_has_a_test():
 
 
 def test_using_the_models(tmp_path, monkeypatch):
-    save_official("focal-base", tmp_path / "focal-base")
+    convert_official("focal-base", tmp_path / "focal-base")
     copy_flower(tmp_path)
 
     namespace = run("using_the_models", tmp_path, monkeypatch)
@@ -144,7 +139,7 @@ def test_bad_image_in_a_pipeline(tmp_path, monkeypatch):
 
 
 def test_dense_prediction(tmp_path, monkeypatch, capsys):
-    focal = save_official("focal-tiny", tmp_path / "focal-tiny")
+    focal = convert_official("focal-tiny", tmp_path / "focal-tiny")
     name = "focal.encoder.layers.2.blocks.5.attention.qkv.weight"  # a weight of the third stage
     weight = focal.get_parameter(name)
 
