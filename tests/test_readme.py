@@ -37,6 +37,7 @@ MARKERS = {
     "deploying": "program = torch.export.export(model, example, dynamic_shapes=dims)",
     "official_formats": 'model = load_original_checkpoint("focal-tiny-is224-ws7.pth"',
     "bad_image_in_a_pipeline": "images.append(load_image(path))",
+    "lora": "model = get_peft_model(model, lora)",
     "dense_upernet": "model = UperNetForSemanticSegmentation(UperNetConfig(backbone_config=backbone_config",
     "dense_detr_mask2former": 'load_backbone_weights(detr, "focal-tiny")',
     "dense_pipeline": 'segmenter = pipeline("image-segmentation", model="upernet-focal-tiny-ade20k")',
@@ -118,6 +119,23 @@ def test_official_formats(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(converted(reference["pixel_values"]).logits, logits, atol=0, rtol=0)
     assert namespace["processor"].crop_size == {"height": 224, "width": 224}
+
+
+def test_lora(tmp_path, monkeypatch, capsys):
+    convert_official("focal-tiny", tmp_path / "focal-tiny")
+
+    namespace = run("lora", tmp_path, monkeypatch)
+
+    assert "trainable%: 1.49" in capsys.readouterr().out
+    merged = namespace["merged"]
+    assert type(merged) is FocalForImageClassification and merged.config.id2label == {0: "cat", 1: "dog", 2: "bird"}
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    saved = load_file(tmp_path / "focal-tiny-lora/adapter_model.safetensors")
+    assert sum(".lora_" in name for name in saved) == 2 * 2 * sum(merged.config.depths)  # A and B of qkv and proj
+    assert {name for name in saved if ".lora_" not in name} == {
+        "base_model.model.classifier.weight",
+        "base_model.model.classifier.bias",
+    }
 
 
 def test_bad_image_in_a_pipeline(tmp_path, monkeypatch):

@@ -430,17 +430,6 @@ class FocalDropPath(nn.Module):
         return f"p={self.drop_prob}"
 
 
-class FocalPatchProjection(nn.Conv2d):
-    """The convolution of a patch embedding, called as a module (so offloading hooks load its weights), with its
-    output as tokens: `(batch_size, in_channels, height, width)` -> `(batch_size, height' * width', out_channels)`,
-    `(height', width')`."""
-
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        embeddings = super().forward(pixel_values)
-        batch_size, channels, height, width = embeddings.shape
-        return copy_as(embeddings.permute(0, 2, 3, 1), batch_size, height * width, channels), (height, width)
-
-
 class FocalPatchEmbeddings(nn.Module):
     """The stem (`is_stem=True`) or a stage's downsampling layer:
     `(batch_size, in_channels, height, width)` -> `(batch_size, height' * width', out_channels)`, `(height', width')`.
@@ -460,14 +449,16 @@ class FocalPatchEmbeddings(nn.Module):
         # the official stem never pre-normalises, whatever `use_pre_norm` says
         has_pre_norm = config.use_pre_norm and not is_stem
         self.pre_norm = nn.GroupNorm(1, in_channels, eps=config.layer_norm_eps) if has_pre_norm else None
-        self.projection = FocalPatchProjection(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+        self.projection = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
         has_norm = config.patch_norm or not is_stem
         self.norm = nn.LayerNorm(out_channels, eps=config.layer_norm_eps) if has_norm else None
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if self.pre_norm is not None:
             pixel_values = self.pre_norm(pixel_values)
-        embeddings, (height, width) = self.projection(pixel_values)
+        embeddings = self.projection(pixel_values)
+        batch_size, channels, height, width = embeddings.shape
+        embeddings = copy_as(embeddings.permute(0, 2, 3, 1), batch_size, height * width, channels)
         if self.norm is not None:
             embeddings = self.norm(embeddings)
         return embeddings, (height, width)
@@ -846,9 +837,17 @@ focal_sdpa_attention.gathers_keys = True
 AttentionInterface.register("focal_sdpa", focal_sdpa_attention)
 
 
-class FocalPoolingWeights(nn.Linear):
+class FocalPoolingWeights(nn.Module):
     """`fc` pooling of one level: a learned weighted sum of each sub-window's tokens, shared by the channels,
-    `(batch_size, grid_h, size, grid_w, size, channels)` -> `(batch_size, grid_h, grid_w, channels)`."""
+    `(batch_size, grid_h, size, grid_w, size, channels)` -> `(batch_size, grid_h, grid_w, channels)`. Its weight
+    `(1, size * size)` and bias `(1,)` are the official `nn.Linear(size * size, 1)`'s; it is not an `nn.Linear`
+    (which it does not apply over the channels), so that tools that replace or adapt every linear layer (PEFT's
+    `target_modules="all-linear"`, quantization) leave it alone."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, size * size))
+        self.bias = nn.Parameter(torch.empty(1))
 
     def forward(self, sub_windows: torch.Tensor) -> torch.Tensor:
         size = sub_windows.shape[2]
@@ -871,7 +870,7 @@ class FocalWindowPooling(nn.Module):
         self.num_levels = geometry.num_pooled_levels
         sizes = [pooled_window_size(self.window_size, level) for level in range(self.num_levels)]
         if self.pool_method == "fc":
-            self.pool_layers = nn.ModuleList(FocalPoolingWeights(size * size, 1) for size in sizes)
+            self.pool_layers = nn.ModuleList(FocalPoolingWeights(size) for size in sizes)
         elif self.pool_method == "conv":
             self.pool_layers = nn.ModuleList(nn.Conv2d(dim, dim, size, stride=size, groups=dim) for size in sizes)
         else:
@@ -904,25 +903,12 @@ class FocalWindowPooling(nn.Module):
 
 
 def autocast_input(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` in the dtype that autocast, where it is enabled, gives the inputs of matrix products: cast once for
-    several products, where autocast would cast it for each. Itself otherwise."""
+    """`tensor` in the dtype that autocast, where it is enabled, gives the inputs of matrix products (cast before it
+    is copied, so that the copy moves fewer bytes). Itself otherwise."""
     device = tensor.device.type
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return tensor.to(torch.get_autocast_dtype(device))
     return tensor
-
-
-class FocalQKVProjection(nn.Linear):
-    """The query/key/value projection (one weight, as the official `qkv`), called as a module: the queries of the
-    fine tokens `(batch_size, num_fine, dim)` and the keys and values of all tokens `(batch_size, num_tokens, dim)`
-    each (the pooled tokens need no queries). Keys and values are separate products, each with its rows whole and
-    contiguous: the rows the attention gathers."""
-
-    def forward(self, fine: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        weights = self.weight.chunk(3)
-        biases = (None, None, None) if self.bias is None else self.bias.chunk(3)
-        query = F.linear(fine, weights[0], biases[0])
-        return query, F.linear(tokens, weights[1], biases[1]), F.linear(tokens, weights[2], biases[2])
 
 
 class FocalAttentionBase(nn.Module):
@@ -944,7 +930,7 @@ class FocalAttentionBase(nn.Module):
         self.scaling = config.qk_scale or self.head_dim**-0.5
         self.attention_dropout = config.attention_probs_dropout_prob
         self.is_causal = False
-        self.qkv = FocalQKVProjection(dim, dim * 3, bias=config.qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=config.qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
         self._cached_bias = None  # (layout, dtype, parameter state, their values on CPU, bias): cached_attention_bias
@@ -1007,12 +993,15 @@ class FocalAttentionBase(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, height, width, dim = hidden_states.shape
         layout = self.key_layout(*input_dimensions, hidden_states.device)
-        # the fine tokens window by window give the queries; with the pooled tokens after them they are the source
-        # that each window gathers its keys and values from (`layout.key_index`). Under autocast they are cast before
-        # they are reordered: the copy then moves half the bytes.
+        # the fine tokens window by window, then the pooled tokens: their keys and values are the source that each
+        # window gathers its keys and values from (`layout.key_index`), the fine tokens' queries are the queries.
+        # `qkv` is one standard call of a standard `nn.Linear` (so that adapters such as PEFT's LoRA and quantized
+        # layers that replace it work). Under autocast the tokens are cast before they are reordered: the copies
+        # then move half the bytes.
         fine = window_partition(autocast_input(hidden_states), self.geometry.window_size)
         tokens = torch.cat([fine] + [autocast_input(pooled.flatten(1, 2)) for pooled in pooled_states], dim=1)
-        query, key, value = self.qkv(fine, tokens)
+        query, key, value = self.qkv(tokens).split(dim, dim=-1)
+        query = query[:, : fine.shape[1]]
         bias = self.cached_attention_bias(layout, query.dtype)
         attn_output, attn_weights = self.attend(query, key, value, layout.key_index, bias, **kwargs)
         attn_output = self.proj_dropout(self.proj(attn_output))
@@ -1340,10 +1329,9 @@ class FocalPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
         if isinstance(module, FocalEmbeddings) and module.position_embeddings is not None:
             init.trunc_normal_(module.position_embeddings, std=std)
-        elif isinstance(module, FocalWindowPooling) and module.pool_method == "fc":
-            for layer in module.pool_layers:
-                init.constant_(layer.weight, 1.0 / layer.weight.shape[-1])
-                init.zeros_(layer.bias)
+        elif isinstance(module, FocalPoolingWeights):
+            init.constant_(module.weight, 1.0 / module.weight.shape[-1])
+            init.zeros_(module.bias)
         elif isinstance(module, FocalSelfAttention):
             init.trunc_normal_(module.relative_position_bias_table, std=std)
             if module.relative_position_bias_table_to_neighbors is not None:
