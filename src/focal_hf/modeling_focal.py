@@ -959,11 +959,14 @@ class FocalAttentionBase(nn.Module):
         compared, since each comparison would wait for the device (a host synchronisation per block); there a
         weight changed through `.data` needs `torch.no_grad()` and an in-place operation on the parameter itself
         instead (as optimizers, `load_state_dict` and `transformers.initialization` do), and weights created under
-        `torch.inference_mode()`, which have no version counter, are not cached."""
+        `torch.inference_mode()`, which have no version counter, are not cached. Nor are weights held by tensor
+        subclasses (quantized position-bias MLPs of Focal-fast), whose memory and values these checks cannot read."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.attention_bias(layout).to(dtype)
-        on_cpu = layout.key_index.device.type == "cpu"
         parameters = [p for name, p in self.named_parameters() if not name.startswith(("qkv.", "proj."))]
+        if any(type(p) not in (nn.Parameter, torch.Tensor) for p in parameters):
+            return self.attention_bias(layout).to(dtype)
+        on_cpu = layout.key_index.device.type == "cpu"
         state = [
             (p.device, p.dtype, p.shape, p.data_ptr(), None if p.is_inference() else p._version) for p in parameters
         ]
