@@ -107,11 +107,23 @@ class ModelArguments:
     ignore_mismatched_sizes: bool = field(
         default=True, metadata={"help": "Replace a classifier of another size (e.g. ImageNet's 1000 classes)."}
     )
+    lora_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train LoRA adapters (PEFT) of this rank on every block's qkv and proj, and the classifier, "
+            "instead of every weight; the saved model has the adapters merged in."
+        },
+    )
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA's scale numerator (default: the rank)."})
 
     def __post_init__(self):
         sources = [self.model_name_or_path, self.model_preset, self.config_name]
         if sum(source is not None for source in sources) != 1:
             raise ValueError("Give exactly one of --model_name_or_path, --model_preset and --config_name.")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"--lora_rank must be a positive integer, got {self.lora_rank}.")
+        if self.lora_alpha is not None and self.lora_rank is None:
+            raise ValueError("--lora_alpha needs --lora_rank (LoRA is off without it).")
 
 
 def check_class_folders(folder: str) -> None:
@@ -224,6 +236,18 @@ def load_model(model_args: ModelArguments, labels: list[str]):
         logger.info(f"Image size {model.config.image_size}: evaluating with crops of {dict(for_model.crop_size)}.")
         image_processor.size, image_processor.crop_size = for_model.size, for_model.crop_size
     return model, image_processor
+
+
+def with_lora_adapters(model, rank: int, alpha: float | None):
+    """`model` wrapped by PEFT with LoRA adapters of `rank` on every block's `qkv` and `proj`; only they and the
+    classifier (a trainable copy) train."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=["qkv", "proj"], modules_to_save=["classifier"])
+    model = get_peft_model(model, lora)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info(f"LoRA of rank {rank}: training {trainable:,} of {total:,} weights ({trainable / total:.2%}).")
+    return model
 
 
 def random_resized_crop(
@@ -404,6 +428,8 @@ def main(args: list[str] | None = None) -> dict:
     dataset = load_data(data_args, model_args.cache_dir, model_args.token)
     labels = dataset["train"].features[data_args.label_column_name].names
     model, image_processor = load_model(model_args, labels)
+    if model_args.lora_rank is not None:
+        model = with_lora_adapters(model, model_args.lora_rank, model_args.lora_alpha)
     augmentation_seed = AugmentationSeed(training_args.seed)
     train_transforms, eval_transforms = make_transforms(image_processor, data_args, augmentation_seed)
     if training_args.do_train:
@@ -436,6 +462,8 @@ def main(args: list[str] | None = None) -> dict:
         "batch size per device": training_args.per_device_train_batch_size,
         "seed": training_args.seed,
     }
+    if model_args.lora_rank is not None:
+        hyperparameters["LoRA rank (qkv, proj; merged)"] = model_args.lora_rank
     metrics = {}
     trainer = CardTrainer(
         model_card=lambda: model_card(
@@ -457,6 +485,8 @@ def main(args: list[str] | None = None) -> dict:
     )
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        if model_args.lora_rank is not None:  # saved, evaluated and described as a plain model with the adapters in
+            model = trainer.model = trainer.model_wrapped = trainer.model.merge_and_unload()
         # model.safetensors, config.json and the image processor; not pushed yet: the one push comes at the end,
         # with the model card (and the code)
         trainer.save_model(_internal_call=True)

@@ -382,6 +382,91 @@ def test_ignore_mismatched_sizes_flag(tmp_path):
     assert model.classifier.out_features == 2
 
 
+def lora_trainer_args(image_folder, base, output, *extra, save_steps=None):
+    """`trainer_args` fine-tuning the saved model `base` with LoRA adapters of rank 4."""
+    argv = trainer_args(
+        image_folder, output, "--lora_rank", "4", "--learning_rate", "1e-2", *extra, save_steps=save_steps
+    )
+    argv[argv.index("--model_preset") : argv.index("--config_overrides") + 2] = ["--model_name_or_path", str(base)]
+    return argv
+
+
+def save_lora_base(folder):
+    """A tiny 3-class model and its image processor saved in `folder`; the model."""
+    config = focal_hf.FocalConfig(**json.loads(TINY_MODEL), num_labels=3)
+    base = focal_hf.FocalForImageClassification(config)
+    base.save_pretrained(folder)
+    focal_hf.FocalImageProcessor.for_image_size(config.image_size).save_pretrained(folder)
+    return base
+
+
+def test_trainer_example_with_lora_saves_the_merged_model(image_folder, tmp_path, caplog):
+    base = save_lora_base(tmp_path / "base")
+    output = tmp_path / "lora"
+    argv = lora_trainer_args(image_folder, tmp_path / "base", output, "--log_level", "info")
+    with caplog.at_level("INFO", logger="run_image_classification"):
+        metrics = run_image_classification.main(argv)
+
+    assert re.search(r"LoRA of rank 4: training [\d,]+ of [\d,]+ weights", caplog.text)
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert (output / "model.safetensors").exists() and not (output / "adapter_config.json").exists()
+    model = AutoModelForImageClassification.from_pretrained(output)  # a plain model: the adapters merged in
+    assert type(model) is focal_hf.FocalForImageClassification and model.config.id2label == {0: "bright", 1: "dark"}
+    assert not any("lora" in name for name in load_file(output / "model.safetensors"))
+    trained, kept = model.state_dict(), base.state_dict()
+    for name, weight in kept.items():
+        if name.endswith(("qkv.weight", "proj.weight")):
+            assert not torch.equal(trained[name], weight), name  # the adapters' product, merged
+        elif not name.startswith("classifier."):
+            torch.testing.assert_close(trained[name], weight, rtol=0, atol=0, msg=name)  # frozen
+    assert model.classifier.out_features == 2
+    assert "- LoRA rank (qkv, proj; merged): 4" in (output / "README.md").read_text()  # the model card says so
+
+
+def test_trainer_example_with_lora_resumed_ends_with_the_same_weights(image_folder, tmp_path):
+    save_lora_base(tmp_path / "base")
+    full = lora_trainer_args(image_folder, tmp_path / "base", tmp_path / "full", "--logging_steps", "1", save_steps=2)
+    run_image_classification.main(full)
+    assert (tmp_path / "full/checkpoint-2/adapter_model.safetensors").exists()  # checkpoints hold the adapters
+    checkpoint = str(tmp_path / "full/checkpoint-2")
+    state_file = tmp_path / "full/checkpoint-2/trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"][0]["loss"] = 123.0  # a marker: a resumed run continues this log, a restarted one would not
+    state_file.write_text(json.dumps(state))
+    resumed = lora_trainer_args(
+        image_folder,
+        tmp_path / "base",
+        tmp_path / "resumed",
+        "--resume_from_checkpoint",
+        checkpoint,
+        "--logging_steps",
+        "1",
+    )
+    run_image_classification.main(resumed)
+    history = json.loads((tmp_path / "resumed/trainer_state.json").read_text())["log_history"]
+    assert [(entry["step"], entry["loss"] == 123.0) for entry in history if "loss" in entry] == [
+        (1, True),
+        (2, False),
+        (3, False),
+    ]
+    full, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("full", "resumed"))
+    assert full.keys() == resumed.keys()
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lora_rank", "0"], "--lora_rank must be a positive integer, got 0"),
+        (["--lora_alpha", "8"], "--lora_alpha needs --lora_rank"),
+    ],
+)
+def test_bad_lora_arguments_are_explained(image_folder, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_image_classification.main(trainer_args(image_folder, tmp_path / "out", *extra))
+
+
 def test_processor_follows_the_model_image_size(tmp_path):
     args = run_image_classification.ModelArguments(model_preset="focal-tiny", config_overrides=TINY_MODEL)
     model, processor = run_image_classification.load_model(args, ["a", "b"])
