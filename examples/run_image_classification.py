@@ -238,6 +238,9 @@ def load_model(model_args: ModelArguments, labels: list[str]):
     return model, image_processor
 
 
+LORA_CARD_ENTRY = "LoRA rank (qkv, proj; merged)"  # the model card's line for --lora_rank
+
+
 def with_lora_adapters(model, rank: int, alpha: float | None):
     """`model` wrapped by PEFT with LoRA adapters of `rank` on every block's `qkv` and `proj`; only they and the
     classifier (a trainable copy) train."""
@@ -463,7 +466,7 @@ def main(args: list[str] | None = None) -> dict:
         "seed": training_args.seed,
     }
     if model_args.lora_rank is not None:
-        hyperparameters["LoRA rank (qkv, proj; merged)"] = model_args.lora_rank
+        hyperparameters[LORA_CARD_ENTRY] = model_args.lora_rank
     metrics = {}
     trainer = CardTrainer(
         model_card=lambda: model_card(

@@ -44,6 +44,7 @@ from focal_hf.folders import install, set_default_modes
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_image_classification import (  # noqa: E402
     ACCURACY,
+    LORA_CARD_ENTRY,
     AugmentationSeed,
     DataTrainingArguments,
     ModelArguments,
@@ -53,6 +54,7 @@ from run_image_classification import (  # noqa: E402
     load_model,
     make_transforms,
     model_card,
+    with_lora_adapters,
 )
 
 logger = get_logger(__name__)
@@ -91,6 +93,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="replace a classifier of another size (e.g. ImageNet's 1000 classes); default true",
     )
     model.add_argument("--no_ignore_mismatched_sizes", dest="ignore_mismatched_sizes", action="store_false")
+    model.add_argument(
+        "--lora_rank",
+        type=int,
+        help="train LoRA adapters (PEFT) of this rank on every block's qkv and proj, and the classifier, instead of "
+        "every weight; the saved model has the adapters merged in",
+    )
+    model.add_argument("--lora_alpha", type=float, help="LoRA's scale numerator (default: the rank)")
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", required=True)
     train.add_argument("--per_device_train_batch_size", type=int, default=8)
@@ -152,6 +161,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             trust_remote_code=args.trust_remote_code,
             ignore_mismatched_sizes=args.ignore_mismatched_sizes,
             remote_code=args.remote_code,
+            lora_rank=args.lora_rank,
+            lora_alpha=args.lora_alpha,
         )
     except ValueError as error:
         parser.error(str(error))
@@ -220,6 +231,8 @@ def main(argv=None) -> dict:
         dataset = load_data(args.data, args.model.cache_dir, args.hub_token)
     labels = dataset["train"].features[args.label_column_name].names
     model, image_processor = load_model(args.model, labels)
+    if args.lora_rank is not None:
+        model = with_lora_adapters(model, args.lora_rank, args.lora_alpha)
     augmentation_seed = AugmentationSeed(args.seed)
     train_transforms, eval_transforms = make_transforms(image_processor, args.data, augmentation_seed)
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
@@ -236,12 +249,10 @@ def main(argv=None) -> dict:
     )
 
     no_decay = ("bias", "norm", "relative_position", "position_embeddings")
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # (with LoRA: adapters, classifier)
     groups = [
-        {
-            "params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
-            "weight_decay": args.weight_decay,
-        },
-        {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
+        {"params": [p for n, p in trained if not any(k in n for k in no_decay)], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in trained if any(k in n for k in no_decay)], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate)
     steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
@@ -338,6 +349,8 @@ def main(argv=None) -> dict:
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    if args.lora_rank is not None:  # saved and described as a plain model with the adapters in
+        unwrapped = unwrapped.merge_and_unload()
     unwrapped.save_pretrained(
         args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
     )
@@ -357,6 +370,8 @@ def main(argv=None) -> dict:
             "mixed precision": accelerator.mixed_precision,
             "seed": args.seed,
         }
+        if args.lora_rank is not None:
+            hyperparameters[LORA_CARD_ENTRY] = args.lora_rank
         card = model_card(
             repo_id or Path(args.output_dir).name,
             unwrapped,

@@ -154,13 +154,16 @@ def test_accelerate_example_learns(image_folder, tmp_path):
     assert f'model="{tmp_path.name}"' in card.text and card.data.eval_results[0].metric_value == metrics["accuracy"]
 
 
-@pytest.mark.parametrize("stop_after", [5, 6])  # mid-epoch and at an epoch's end (6 steps per epoch)
-def test_resumed_run_ends_with_the_same_weights(image_folder, tmp_path, stop_after):
-    run_image_classification_no_trainer.main(no_trainer_args(image_folder, tmp_path / "full", "--max_train_steps", "9"))
+# mid-epoch and at an epoch's end (6 steps per epoch); and training LoRA adapters (their checkpoints)
+@pytest.mark.parametrize("stop_after, lora", [(5, []), (6, []), (5, ["--lora_rank", "4"])])
+def test_resumed_run_ends_with_the_same_weights(image_folder, tmp_path, stop_after, lora):
+    run_image_classification_no_trainer.main(
+        no_trainer_args(image_folder, tmp_path / "full", "--max_train_steps", "9", *lora)
+    )
     stopped = tmp_path / "stopped"
     run_image_classification_no_trainer.main(
         no_trainer_args(
-            image_folder, stopped, "--max_train_steps", str(stop_after), "--checkpointing_steps", str(stop_after)
+            image_folder, stopped, "--max_train_steps", str(stop_after), "--checkpointing_steps", str(stop_after), *lora
         )
     )
     run_image_classification_no_trainer.main(
@@ -171,6 +174,7 @@ def test_resumed_run_ends_with_the_same_weights(image_folder, tmp_path, stop_aft
             "9",
             "--resume_from_checkpoint",
             str(stopped / f"step_{stop_after}"),
+            *lora,
         )
     )
     full, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(stopped / "model.safetensors")
@@ -387,6 +391,12 @@ def lora_trainer_args(image_folder, base, output, *extra, save_steps=None):
     argv = trainer_args(
         image_folder, output, "--lora_rank", "4", "--learning_rate", "1e-2", *extra, save_steps=save_steps
     )
+    return from_saved_model(argv, base)
+
+
+def from_saved_model(argv: list[str], base) -> list[str]:
+    """Example arguments `argv` with the saved model `base` in place of the preset."""
+    argv = list(argv)
     argv[argv.index("--model_preset") : argv.index("--config_overrides") + 2] = ["--model_name_or_path", str(base)]
     return argv
 
@@ -400,15 +410,21 @@ def save_lora_base(folder):
     return base
 
 
-def test_trainer_example_with_lora_saves_the_merged_model(image_folder, tmp_path, caplog):
+@pytest.mark.parametrize("script", ["trainer", "accelerate"])
+def test_example_with_lora_saves_the_merged_model(image_folder, tmp_path, caplog, script):
     base = save_lora_base(tmp_path / "base")
     output = tmp_path / "lora"
-    argv = lora_trainer_args(image_folder, tmp_path / "base", output, "--log_level", "info")
     with caplog.at_level("INFO", logger="run_image_classification"):
-        metrics = run_image_classification.main(argv)
+        if script == "trainer":
+            argv = lora_trainer_args(image_folder, tmp_path / "base", output, "--log_level", "info")
+            accuracy = run_image_classification.main(argv)["eval_accuracy"]
+        else:
+            argv = no_trainer_args(image_folder, output, "--num_train_epochs", "1", "--lora_rank", "4")
+            argv[argv.index("--learning_rate") + 1] = "1e-2"
+            accuracy = run_image_classification_no_trainer.main(from_saved_model(argv, tmp_path / "base"))["accuracy"]
 
     assert re.search(r"LoRA of rank 4: training [\d,]+ of [\d,]+ weights", caplog.text)
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert 0.0 <= accuracy <= 1.0
     assert (output / "model.safetensors").exists() and not (output / "adapter_config.json").exists()
     model = AutoModelForImageClassification.from_pretrained(output)  # a plain model: the adapters merged in
     assert type(model) is focal_hf.FocalForImageClassification and model.config.id2label == {0: "bright", 1: "dark"}
