@@ -51,31 +51,21 @@ def pip_target(requirement: str) -> Path:
     """A folder holding `requirement` (`name==version`) installed by pip without its dependencies, for a subprocess's
     `PYTHONPATH`: for a package the test environment does not install, because importing it would change every test
     process (torchao: `tests/test_quantization.py`). Installed once into `~/.cache/focal_hf/pip-<name>-<version>/`
-    (`$FOCAL_HF_CACHE` replaces `~/.cache/focal_hf`), staged in a temporary folder and renamed into place; a failed
-    install raises with pip's message."""
+    (`$FOCAL_HF_CACHE` replaces `~/.cache/focal_hf`; `transformers_sdist.build_in_cache`); a failed install raises
+    with pip's message."""
     import subprocess
-    import tempfile
 
-    from transformers_sdist import cache_root
+    from transformers_sdist import build_in_cache, cache_root
 
-    target = cache_root() / f"pip-{requirement.replace('==', '-')}"
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as staging:
+    def install(folder: Path) -> None:
         command = [sys.executable, "-m", "pip", "install", requirement, "--no-deps", "--disable-pip-version-check"]
-        command += ["--target", str(Path(staging) / "packages")]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run([*command, "--target", str(folder)], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(
                 f"`{' '.join(command)}` exited with status {result.returncode}:\n{result.stderr[-3000:]}"
             )
-        try:
-            os.rename(Path(staging) / "packages", target)
-        except OSError:
-            if not target.is_dir():  # not a concurrent install that finished first
-                raise
-    return target
+
+    return build_in_cache(cache_root() / f"pip-{requirement.replace('==', '-')}", install)
 
 
 def synthetic_official_checkpoint(name: str, path: Path) -> Path:

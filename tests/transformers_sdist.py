@@ -11,6 +11,7 @@ The three modules import a few helpers that the sdist does not ship; `common_tes
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import tarfile
 import tempfile
 import types
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 import transformers
@@ -30,39 +32,50 @@ def cache_root() -> Path:
     return Path(os.environ.get("FOCAL_HF_CACHE", Path.home() / ".cache" / "focal_hf"))
 
 
-def _download_and_extract(version: str, target: Path) -> None:
-    """Download transformers' sdist and move its top-level `tests/*.py` to `target/transformers_common_tests/`,
-    atomically: `target` either does not exist or holds all of them."""
+def build_in_cache(target: Path, build: Callable[[Path], None]) -> Path:
+    """`target`, a folder of the test cache, made once: `build(folder)` fills a new folder inside a staging folder
+    beside `target` (which `build` may also use for its downloads), renamed into place once complete, so that `target`
+    either does not exist or is whole; where a concurrent build finished first, its folder is kept. Returns `target`."""
+    if target.is_dir():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as staging:
-        staging = Path(staging)
-        command = [sys.executable, "-m", "pip", "download", f"transformers=={version}"]
-        command += ["--no-binary", ":all:", "--no-deps", "--disable-pip-version-check", "-d", str(staging / "sdist")]
-        result = subprocess.run(command, capture_output=True, text=True)
-        archives = sorted((staging / "sdist").glob("transformers-*.tar.gz"))
-        if result.returncode != 0 or len(archives) != 1:
-            raise RuntimeError(
-                f"transformers' common model tests come from the transformers {version} source distribution on "
-                f"PyPI, and downloading it failed: `{' '.join(command)}` exited with status {result.returncode}.\n"
-                f"{result.stderr[-3000:]}\nThese tests need PyPI, or a pip index that has the sdist, once per "
-                f"transformers version."
-            )
-        package = staging / "tree" / PACKAGE
-        package.mkdir(parents=True)
-        with tarfile.open(archives[0]) as archive:
-            for member in archive.getmembers():
-                path = PurePosixPath(member.name)  # transformers-<version>/tests/<name>.py
-                if member.isfile() and len(path.parts) == 3 and path.parts[1] == "tests" and path.suffix == ".py":
-                    (package / path.name).write_bytes(archive.extractfile(member).read())
-        missing = [name for name in MODULES if not (package / f"{name}.py").is_file()]
-        if missing:
-            raise RuntimeError(f"The transformers {version} sdist has no tests/{missing[0]}.py; cannot run its tests.")
-        (package / "__init__.py").write_text("")  # also what test_configuration_common's direct import executes
+        folder = Path(staging) / "tree"
+        build(folder)
         try:
-            os.rename(package.parent, target)
+            os.rename(folder, target)
         except OSError:
-            if not (target / PACKAGE / "__init__.py").is_file():  # not a concurrent download that finished first
+            if not target.is_dir():  # not a concurrent build that finished first
                 raise
+    return target
+
+
+def _download_and_extract(version: str, folder: Path) -> None:
+    """Download transformers' sdist (beside `folder`) and write its top-level `tests/*.py` to
+    `folder/transformers_common_tests/`."""
+    sdist = folder.parent / "sdist"
+    command = [sys.executable, "-m", "pip", "download", f"transformers=={version}"]
+    command += ["--no-binary", ":all:", "--no-deps", "--disable-pip-version-check", "-d", str(sdist)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    archives = sorted(sdist.glob("transformers-*.tar.gz"))
+    if result.returncode != 0 or len(archives) != 1:
+        raise RuntimeError(
+            f"transformers' common model tests come from the transformers {version} source distribution on "
+            f"PyPI, and downloading it failed: `{' '.join(command)}` exited with status {result.returncode}.\n"
+            f"{result.stderr[-3000:]}\nThese tests need PyPI, or a pip index that has the sdist, once per "
+            f"transformers version."
+        )
+    package = folder / PACKAGE
+    package.mkdir(parents=True)
+    with tarfile.open(archives[0]) as archive:
+        for member in archive.getmembers():
+            path = PurePosixPath(member.name)  # transformers-<version>/tests/<name>.py
+            if member.isfile() and len(path.parts) == 3 and path.parts[1] == "tests" and path.suffix == ".py":
+                (package / path.name).write_bytes(archive.extractfile(member).read())
+    missing = [name for name in MODULES if not (package / f"{name}.py").is_file()]
+    if missing:
+        raise RuntimeError(f"The transformers {version} sdist has no tests/{missing[0]}.py; cannot run its tests.")
+    (package / "__init__.py").write_text("")  # also what test_configuration_common's direct import executes
 
 
 def _install_stand_ins() -> None:
@@ -104,9 +117,9 @@ def common_tests() -> types.SimpleNamespace:
     """transformers' common test modules for the installed transformers (downloaded once), as the attributes
     `modeling`, `backbone` and `configuration`."""
     version = transformers.__version__
-    root = cache_root() / f"transformers-tests-{version}"
-    if not (root / PACKAGE / "__init__.py").is_file():
-        _download_and_extract(version, root)
+    root = build_in_cache(
+        cache_root() / f"transformers-tests-{version}", functools.partial(_download_and_extract, version)
+    )
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     _install_stand_ins()
