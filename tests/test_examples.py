@@ -369,11 +369,18 @@ def test_failed_accelerate_upload_keeps_the_folder(image_folder, tmp_path, fake_
     assert AutoModelForImageClassification.from_pretrained(output).config.num_labels == 2
 
 
+def save_three_class_model(folder):
+    """A tiny 3-class model and its image processor saved in `folder`; the model."""
+    config = focal_hf.FocalConfig(**json.loads(TINY_MODEL), num_labels=3)
+    model = focal_hf.FocalForImageClassification(config)
+    model.save_pretrained(folder)
+    focal_hf.FocalImageProcessor.for_image_size(config.image_size).save_pretrained(folder)
+    return model
+
+
 def test_ignore_mismatched_sizes_flag(tmp_path):
     # a saved 3-class model, fine-tuned on 2 labels: its classifier is replaced only when allowed
-    config = focal_hf.FocalConfig(**json.loads(TINY_MODEL), num_labels=3)
-    focal_hf.FocalForImageClassification(config).save_pretrained(tmp_path / "three")
-    focal_hf.FocalImageProcessor.for_image_size(config.image_size).save_pretrained(tmp_path / "three")
+    save_three_class_model(tmp_path / "three")
     argv = ["--model_name_or_path", str(tmp_path / "three"), "--train_dir", str(tmp_path), "--output_dir", "o"]
     assert run_image_classification_no_trainer.parse_args(argv).model.ignore_mismatched_sizes is True
     assert run_image_classification_no_trainer.parse_args([*argv, "--ignore_mismatched_sizes"]).ignore_mismatched_sizes
@@ -401,18 +408,9 @@ def from_saved_model(argv: list[str], base) -> list[str]:
     return argv
 
 
-def save_lora_base(folder):
-    """A tiny 3-class model and its image processor saved in `folder`; the model."""
-    config = focal_hf.FocalConfig(**json.loads(TINY_MODEL), num_labels=3)
-    base = focal_hf.FocalForImageClassification(config)
-    base.save_pretrained(folder)
-    focal_hf.FocalImageProcessor.for_image_size(config.image_size).save_pretrained(folder)
-    return base
-
-
 @pytest.mark.parametrize("script", ["trainer", "accelerate"])
 def test_example_with_lora_saves_the_merged_model(image_folder, tmp_path, caplog, script):
-    base = save_lora_base(tmp_path / "base")
+    base = save_three_class_model(tmp_path / "base")
     output = tmp_path / "lora"
     with caplog.at_level("INFO", logger="run_image_classification"):
         if script == "trainer":
@@ -440,12 +438,12 @@ def test_example_with_lora_saves_the_merged_model(image_folder, tmp_path, caplog
 
 
 def test_trainer_example_with_lora_resumed_ends_with_the_same_weights(image_folder, tmp_path):
-    save_lora_base(tmp_path / "base")
+    save_three_class_model(tmp_path / "base")
     full = lora_trainer_args(image_folder, tmp_path / "base", tmp_path / "full", "--logging_steps", "1", save_steps=2)
     run_image_classification.main(full)
-    assert (tmp_path / "full/checkpoint-2/adapter_model.safetensors").exists()  # checkpoints hold the adapters
-    checkpoint = str(tmp_path / "full/checkpoint-2")
-    state_file = tmp_path / "full/checkpoint-2/trainer_state.json"
+    checkpoint = tmp_path / "full/checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").exists()  # checkpoints hold the adapters
+    state_file = checkpoint / "trainer_state.json"
     state = json.loads(state_file.read_text())
     state["log_history"][0]["loss"] = 123.0  # a marker: a resumed run continues this log, a restarted one would not
     state_file.write_text(json.dumps(state))
@@ -454,7 +452,7 @@ def test_trainer_example_with_lora_resumed_ends_with_the_same_weights(image_fold
         tmp_path / "base",
         tmp_path / "resumed",
         "--resume_from_checkpoint",
-        checkpoint,
+        str(checkpoint),
         "--logging_steps",
         "1",
     )
