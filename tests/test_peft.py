@@ -97,25 +97,36 @@ def test_lora_on_all_linear_layers_leaves_the_pooling_weights_alone():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters.values())
 
 
+def lora_model(config, setup: str, checkpointing: bool):
+    """A model with LoRA adapters on qkv and proj (random, so every adapter has a gradient; the model's own weights
+    frozen), with checkpointing turned on before or after the adapters, as `setup` says."""
+    torch.manual_seed(0)
+    model = FocalForImageClassification(config)
+    lora = LoraConfig(r=4, target_modules=["qkv", "proj"])
+    if checkpointing and setup == "checkpointing_first":
+        # reentrant checkpointing differentiates a block only if its input needs a gradient: get_peft_model sees
+        # checkpointing on and calls `enable_input_require_grads` (it failed on our patch embeddings' tuple)
+        model.activation_checkpointing_enable({"use_reentrant": True})
+    peft_model = get_peft_model(model, lora)
+    if checkpointing and setup == "get_peft_model_first":
+        peft_model.base_model.model.activation_checkpointing_enable()
+    perturb_adapters(peft_model)
+    return peft_model
+
+
 @pytest.mark.parametrize("attention_type", ATTENTIONS)
-def test_lora_with_gradient_checkpointing_gives_the_same_gradients(attention_type):
+@pytest.mark.parametrize("setup", ["get_peft_model_first", "checkpointing_first"])
+def test_lora_with_gradient_checkpointing_gives_the_same_gradients(attention_type, setup):
     config = tiny_config(attention_type=attention_type, focal_topk=12)
     pixel_values, labels = torch.randn(2, 3, 64, 64), torch.tensor([1, 3])
     gradients, calls = [], []
     for checkpointing in (False, True):
-        torch.manual_seed(0)
-        peft_model = get_peft_model(
-            FocalForImageClassification(config), LoraConfig(r=4, target_modules=["qkv", "proj"])
-        )
-        perturb_adapters(peft_model)
+        model = lora_model(config, setup, checkpointing)
         if checkpointing:
-            # the model's own weights are frozen: checkpointing must still differentiate the adapters inside it
-            peft_model.base_model.model.activation_checkpointing_enable()
-            peft_model.base_model.model.focal.encoder.layers[2].blocks[1].attention.register_forward_hook(
-                lambda *args: calls.append(1)
-            )
-        peft_model.train()(pixel_values=pixel_values, labels=labels).loss.backward()
-        gradients.append({name: p.grad for name, p in peft_model.named_parameters() if p.requires_grad})
+            block = model.base_model.model.focal.encoder.layers[2].blocks[1]
+            block.attention.register_forward_hook(lambda *args: calls.append(1))
+        model.train()(pixel_values=pixel_values, labels=labels).loss.backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
     assert len(calls) == 2  # the block ran again in the backward pass
     reference, checkpointed = gradients
     assert reference.keys() == checkpointed.keys() and all(".lora_" in name for name in reference)

@@ -1424,8 +1424,10 @@ class FocalModel(FocalPreTrainedModel):
         self.pooler = nn.AdaptiveAvgPool1d(1) if add_pooling_layer else None
         self.post_init()
 
-    def get_input_embeddings(self) -> FocalPatchEmbeddings:
-        return self.embeddings.patch_embeddings
+    def get_input_embeddings(self) -> nn.Conv2d:
+        """The stem's projection of the pixels: its output is the tensor that `enable_input_require_grads` (called by
+        PEFT for a model with gradient checkpointing on) makes require a gradient."""
+        return self.embeddings.patch_embeddings.projection
 
     @can_return_tuple
     @auto_docstring
