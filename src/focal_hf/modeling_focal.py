@@ -32,11 +32,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs, auto_docstring
+from transformers.utils import ModelOutput, TransformersKwargs, auto_docstring, logging
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_focal import FocalBlockGeometry, FocalConfig, pooled_window_size
+
+logger = logging.get_logger(__name__)
 
 # The official code masks across shifted-window regions with -100 (not -inf).
 MASK_VALUE = -100.0
@@ -148,6 +150,24 @@ def exportable_at_any_size(forward: Callable) -> Callable:
             return forward(*args, **kwargs)
 
     return wrapper
+
+
+def warn_if_one_window_example(config: FocalConfig, input_dimensions: tuple, window_size: int) -> None:
+    """While `torch.export` traces with symbolic sizes: warn (once) if a stage's map is at most one window wide or high
+    at the example input. The program is exact at every size all the same, but inductor, compiling it ahead of time
+    (AOTInductor), decides some of its index arithmetic by the example's sizes and checks none of those decisions at
+    run time: compiled from such an example, a program gives NaN or aborts at other sizes (torch 2.13)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int, optimization_hint
+
+    if any(not is_concrete_int(size) and optimization_hint(size) <= window_size for size in input_dimensions):
+        height, width = config.image_size_2d
+        logger.warning_once(
+            "torch.export: at this example input a stage's map is one window wide or high. The exported program is "
+            "exact at every input size (`program.module()`, ONNX), but a program compiled from it with AOTInductor "
+            "(`torch._inductor.aoti_compile_and_package`) is specialised on that and wrong at other sizes. To compile "
+            "one for every size, export with an example at which every stage is at least two windows wide and high, "
+            f"e.g. twice the configured image size: {2 * height}x{2 * width}."
+        )
 
 
 def copy_as(tensor: torch.Tensor, *shape) -> torch.Tensor:
@@ -1397,6 +1417,8 @@ class FocalEncoder(FocalPreTrainedModel):
             batch_size, _, channels = hidden_states.shape
             reshaped_hidden_states = (hidden_states.transpose(1, 2).reshape(batch_size, channels, *input_dimensions),)
         for stage in self.layers:
+            if torch.compiler.is_exporting():
+                warn_if_one_window_example(self.config, input_dimensions, stage.blocks[0].geometry.window_size)
             hidden_states, reshaped, _, input_dimensions = stage(
                 hidden_states,
                 input_dimensions,
