@@ -47,25 +47,28 @@ def import_script(name: str):
         sys.path.remove(str(BENCHMARKS))
 
 
-def pip_target(requirement: str) -> Path:
-    """A folder holding `requirement` (`name==version`) installed by pip without its dependencies, for a subprocess's
-    `PYTHONPATH`: for a package the test environment does not install, because importing it would change every test
-    process (torchao: `tests/test_quantization.py`). Installed once into `~/.cache/focal_hf/pip-<name>-<version>/`
-    (`$FOCAL_HF_CACHE` replaces `~/.cache/focal_hf`; `transformers_sdist.build_in_cache`); a failed install raises
-    with pip's message."""
+def pip_target(requirement: str, dependencies: bool = False) -> Path:
+    """A folder holding `requirement` (`name==version`) installed by pip, without its dependencies unless
+    `dependencies`, for a subprocess's `PYTHONPATH`: for a package the test environment does not install, because
+    importing it would change every test process (torchao: `tests/test_quantization.py`), or another release of one
+    it does (transformers: `tests/test_requirements.py`). Installed once into
+    `~/.cache/focal_hf/pip-<name>-<version>[-with-dependencies]/` (`$FOCAL_HF_CACHE` replaces `~/.cache/focal_hf`;
+    `transformers_sdist.build_in_cache`); a failed install raises with pip's message."""
     import subprocess
 
     from transformers_sdist import build_in_cache, cache_root
 
     def install(folder: Path) -> None:
-        command = [sys.executable, "-m", "pip", "install", requirement, "--no-deps", "--disable-pip-version-check"]
+        command = [sys.executable, "-m", "pip", "install", requirement, "--disable-pip-version-check"]
+        command += [] if dependencies else ["--no-deps"]
         result = subprocess.run([*command, "--target", str(folder)], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(
                 f"`{' '.join(command)}` exited with status {result.returncode}:\n{result.stderr[-3000:]}"
             )
 
-    return build_in_cache(cache_root() / f"pip-{requirement.replace('==', '-')}", install)
+    name = f"pip-{requirement.replace('==', '-')}{'-with-dependencies' if dependencies else ''}"
+    return build_in_cache(cache_root() / name, install)
 
 
 def synthetic_official_checkpoint(name: str, path: Path) -> Path:

@@ -155,11 +155,13 @@ def test_push_to_hub_sends_the_folder(tmp_path, fake_hub):
         "model.safetensors",
         "modeling_focal.py",
         "preprocessor_config.json",
+        "requirements.py",
     ]
     card = ModelCard.load(upload["README.md"])
     assert card.data.pipeline_tag == "image-classification" and "custom_code" in card.data.tags
     # the usage snippets name the Hub repository, with and without focal_hf
     assert 'model="you/focal")' in card.text and 'model="you/focal", trust_remote_code=True)' in card.text
+    assert "(`torch>=2.7` and `transformers>=5.18`; an older release is named when the code is loaded)" in card.text
     assert json.loads(upload["config.json"].read_text())["auto_map"] == hub.AUTO_MAP
 
 
@@ -251,6 +253,7 @@ def test_remote_code_folder_runs_the_pipeline_without_focal_hf(tmp_path):
         "configuration_focal.py",
         "image_processing_focal.py",
         "modeling_focal.py",
+        "requirements.py",
     ]
     assert json.loads((output / "preprocessor_config.json").read_text())["auto_map"] == {
         "AutoImageProcessor": "image_processing_focal.FocalImageProcessor"

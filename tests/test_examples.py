@@ -290,6 +290,7 @@ def test_trainer_push_to_hub_with_remote_code(image_folder, tmp_path, fake_hub):
         "configuration_focal.py",
         "modeling_focal.py",
         "image_processing_focal.py",
+        "requirements.py",
     } <= set(upload)
     config = json.loads(upload["config.json"].read_text())
     assert config["id2label"] == {"0": "bright", "1": "dark"} and config["auto_map"] == hub.AUTO_MAP

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from .requirements import check_requirements  # noqa: F401 (first: an old torch or transformers is named here)
+
+# isort: split
 import functools
 import math
 from dataclasses import dataclass

@@ -15,6 +15,8 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalToken
 from huggingface_hub.utils import validate_repo_id
 from transformers.dynamic_module_utils import get_relative_import_files
 
+from .requirements import REQUIREMENTS
+
 PACKAGE = Path(__file__).resolve().parent
 # what `trust_remote_code=True` loads; their relative imports travel with them (`remote_code_files`)
 AUTO_MAP = {
@@ -186,7 +188,8 @@ classifier("photo.jpg")
 """
     if remote_code:
         usage += f"""
-Without focal-hf: the model code is in this repository, so transformers runs it with `trust_remote_code=True`:
+Without focal-hf: the model code is in this repository, so transformers runs it with `trust_remote_code=True`
+({' and '.join(f'`{requirement}`' for requirement in REQUIREMENTS)}; an older release is named when the code is loaded):
 
 ```python
 from transformers import pipeline

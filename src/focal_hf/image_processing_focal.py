@@ -1,6 +1,9 @@
 # Copyright 2026 The focal-hf authors. Licensed under the Apache License, Version 2.0.
 """Image processor reproducing the official Focal Transformer evaluation transform."""
 
+from .requirements import check_requirements  # noqa: F401 (first: an old torch or transformers is named here)
+
+# isort: split
 import numpy as np
 from PIL import Image
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict

@@ -37,6 +37,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_focal import FocalBlockGeometry, FocalConfig, pooled_window_size
+from .requirements import check_tracing_requirement
 
 logger = logging.get_logger(__name__)
 
@@ -138,10 +139,13 @@ def grid_coordinates(height, width, device: torch.device | None = None) -> torch
 def exportable_at_any_size(forward: Callable) -> Callable:
     """Decorates a `forward` so that while `torch.export` traces it, sizes are size-oblivious: the program is never
     specialised on a feature map being one window (or token) wide, a 0/1 specialisation, so one exported program
-    serves every input size. No effect otherwise."""
+    serves every input size. Traced by a torch too old to trace the model, it says which release is needed
+    (`check_tracing_requirement`). No effect in eager mode."""
 
     @functools.wraps(forward)
     def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            check_tracing_requirement()
         if not torch.compiler.is_exporting():
             return forward(*args, **kwargs)
         from torch.fx.experimental import _config
