@@ -402,6 +402,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.models = [REFERENCE] + [name for name in args.models if name != REFERENCE]
     if args.compile:
         args.compile = [REFERENCE] + [name for name in args.compile if name != REFERENCE]
+        from focal_hf import requirements
+
+        if not requirements.TRACEABLE:  # compiled, a Focal model's forward would run uncompiled: no such rows
+            print(
+                f"--compile: torch {requirements.TORCH_VERSION} cannot trace Focal models (they need "
+                f"{requirements.TRACING_REQUIREMENT}); only {REFERENCE} is measured compiled",
+                file=sys.stderr,
+            )
+            args.compile = [REFERENCE]
     return args
 
 

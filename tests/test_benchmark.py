@@ -99,6 +99,19 @@ def test_cpu_run_end_to_end(tmp_path):
     assert lines[4].startswith("focal-tiny ") and lines[4].endswith("x)")
 
 
+@pytest.mark.parametrize("traceable", [True, False])
+def test_compiled_focal_rows_need_a_torch_that_traces_them(benchmark, monkeypatch, capsys, traceable):
+    """On a torch older than `focal_hf.requirements.TRACING_REQUIREMENT` (the GPU image's 2.11, say) `--compile`
+    measures Swin-T alone, and says why, rather than a Focal model whose forward runs uncompiled."""
+    from focal_hf import requirements
+
+    monkeypatch.setattr(requirements, "TRACEABLE", traceable)
+    args = benchmark.parse_args(["--device", "cuda", "--compile"])
+    assert args.compile == (["swin-tiny", "focal-tiny"] if traceable else ["swin-tiny"])
+    message = capsys.readouterr().err
+    assert (f"cannot trace Focal models (they need {requirements.TRACING_REQUIREMENT})" in message) is not traceable
+
+
 def test_table_shows_ratios_to_swin_at_the_same_size_and_out_of_memory(benchmark, capsys):
     args = benchmark.parse_args(
         ["--device", "cuda", "--models", "focal-tiny", "--modes", "infer-1", "train-64", "--compile", "focal-tiny"]
