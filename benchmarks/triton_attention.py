@@ -39,7 +39,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from transformers import AttentionInterface
 
-from focal_hf.modeling_focal import focal_sdpa_attention, register_gathered_attention_backward
+from focal_hf.modeling_focal import focal_sdpa_attention, is_exporting, register_gathered_attention_backward
 
 QUERY_BLOCK = 64  # queries per program (a window of 7 in one block)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # (as Triton decided when this module's kernels were made)
@@ -375,7 +375,7 @@ def focal_triton_attention(
     `triton_gathered_attention` on CUDA (and the meta device, and in Triton's interpreter) without dropout outside
     `torch.export`, else by `focal_sdpa_attention`."""
     runs_here = query.is_cuda or query.is_meta or INTERPRETED
-    if runs_here and dropout == 0.0 and not torch.compiler.is_exporting():
+    if runs_here and dropout == 0.0 and not is_exporting():
         num_heads = attention_mask.shape[1]
         return triton_gathered_attention(query, key, value, attention_mask, key_index, num_heads, scaling)[0], None
     return focal_sdpa_attention(module, query, key, value, key_index, attention_mask, scaling, dropout, **kwargs)

@@ -101,7 +101,7 @@ def test_cpu_run_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("traceable", [True, False])
 def test_compiled_focal_rows_need_a_torch_that_traces_them(benchmark, monkeypatch, capsys, traceable):
-    """On a torch older than `focal_hf.requirements.TRACING_REQUIREMENT` (the GPU image's 2.11, say) `--compile`
+    """On a torch older than `focal_hf.requirements.TRACING_REQUIREMENT` (2.9, say) `--compile`
     measures Swin-T alone, and says why, rather than a Focal model whose forward runs uncompiled."""
     from focal_hf import requirements
 

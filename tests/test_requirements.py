@@ -53,9 +53,9 @@ def test_setup_cfg_requires_the_releases_checked_at_import():
 
 @pytest.mark.parametrize("trace", ["compile", "export"])
 def test_tracing_with_a_torch_too_old_to_trace_names_the_release(monkeypatch, trace):
-    """What torch 2.11 users get from `torch.export` and `torch.compile(fullgraph=True)` (checked by hand on 2.11:
-    without the check both fail inside torch): `requirements.TRACEABLE` set as such a torch sets it, read by dynamo
-    when it traces."""
+    """What users of a torch too old to trace the model get from `torch.export` and `torch.compile(fullgraph=True)`
+    (checked by hand on 2.11 with the floor raised above it; on 2.9 export fails inside torch):
+    `requirements.TRACEABLE` set as such a torch sets it, read by dynamo when it traces."""
     model = FocalForImageClassification(tiny_config()).eval()
     pixel_values = torch.randn(2, 3, 64, 64)
     monkeypatch.setattr(requirements, "TRACEABLE", False)

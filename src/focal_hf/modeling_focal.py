@@ -136,6 +136,12 @@ def grid_coordinates(height, width, device: torch.device | None = None) -> torch
     return torch.stack((index // width, floor_mod(index, width)))
 
 
+def is_exporting() -> bool:
+    """Whether `torch.export` is tracing: `torch.compiler.is_exporting()`'s flag, read directly, since dynamo before
+    torch 2.12 answers `torch.compiler.is_exporting()` with True inside `torch.compile` too."""
+    return torch.compiler._is_exporting_flag
+
+
 def exportable_at_any_size(forward: Callable) -> Callable:
     """Decorates a `forward` so that while `torch.export` traces it, sizes are size-oblivious: the program is never
     specialised on a feature map being one window (or token) wide, a 0/1 specialisation, so one exported program
@@ -146,7 +152,7 @@ def exportable_at_any_size(forward: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         if torch.compiler.is_compiling():
             check_tracing_requirement()
-        if not torch.compiler.is_exporting():
+        if not is_exporting():
             return forward(*args, **kwargs)
         from torch.fx.experimental import _config
 
@@ -161,9 +167,9 @@ def warn_if_one_window_example(config: FocalConfig, input_dimensions: tuple, win
     at the example input. The program is exact at every size all the same, but inductor, compiling it ahead of time
     (AOTInductor), decides some of its index arithmetic by the example's sizes and checks none of those decisions at
     run time: compiled from such an example, a program gives NaN or aborts at other sizes (torch 2.13)."""
-    from torch.fx.experimental.symbolic_shapes import is_concrete_int, optimization_hint
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-    if any(not is_concrete_int(size) and optimization_hint(size) <= window_size for size in input_dimensions):
+    if any(not is_concrete_int(size) and size.node.hint <= window_size for size in input_dimensions):
         height, width = config.image_size_2d
         logger.warning_once(
             "torch.export: at this example input a stage's map is one window wide or high. The exported program is "
@@ -370,7 +376,10 @@ def nearest_tokens(queries: torch.Tensor, keys: torch.Tensor, topk: int) -> tupl
     offsets `(2, num_queries, k)`."""
     relative = queries[:, :, None] - keys[:, None, :]
     distances = torch.sqrt(relative[0].float() ** 2 + relative[1].float() ** 2)
-    _, index = torch.topk(-distances, torch.sym_min(topk, keys.shape[1]), dim=1)
+    num_keys = keys.shape[1]  # (a static size: `min`, which dynamo before torch 2.12 traces and `sym_min` not)
+    _, index = torch.topk(
+        -distances, min(topk, num_keys) if isinstance(num_keys, int) else torch.sym_min(topk, num_keys), dim=1
+    )
     return index, torch.gather(relative, 2, index[None].expand(2, -1, -1))
 
 
@@ -758,7 +767,7 @@ def focal_sdpa_attention(
     `torch.nn.functional.scaled_dot_product_attention` call with the windows folded into the head dimension.
     """
     num_heads = attention_mask.shape[1]
-    if query.device.type == "cpu" and dropout == 0.0 and not torch.compiler.is_exporting():
+    if query.device.type == "cpu" and dropout == 0.0 and not is_exporting():
         return cpu_gathered_attention(query, key, value, attention_mask, key_index, num_heads, scaling)[0], None
     return folded_sdpa_attention(query, key, value, key_index, attention_mask, scaling, dropout), None
 
@@ -780,7 +789,7 @@ def folded_sdpa_attention(
     (`RegatheredKeys`; under `torch.compile`, the same by selective activation checkpointing, `recompute_folding`).
     A bf16 training step of Focal-T at batch 64 then holds an estimated 1.05x Swin-T's memory instead of 1.30x
     (`benchmarks/gpu_memory.py`)."""
-    if torch.is_grad_enabled() and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    if torch.is_grad_enabled() and torch.compiler.is_compiling() and not is_exporting():
         return checkpoint(
             _folded_sdpa,
             query,
@@ -928,9 +937,11 @@ class FocalWindowPooling(nn.Module):
 
 def autocast_input(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` in the dtype that autocast, where it is enabled, gives the inputs of matrix products (cast before it
-    is copied, so that the copy moves fewer bytes). Itself otherwise."""
+    is copied, so that the copy moves fewer bytes). Itself otherwise. (Devices without autocast, such as `meta`, are
+    asked first in eager mode only: dynamo before torch 2.12 cannot trace `is_autocast_available`.)"""
     device = tensor.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device)
+    if available and torch.is_autocast_enabled(device):
         return tensor.to(torch.get_autocast_dtype(device))
     return tensor
 
@@ -1421,7 +1432,7 @@ class FocalEncoder(FocalPreTrainedModel):
             batch_size, _, channels = hidden_states.shape
             reshaped_hidden_states = (hidden_states.transpose(1, 2).reshape(batch_size, channels, *input_dimensions),)
         for stage in self.layers:
-            if torch.compiler.is_exporting():
+            if is_exporting():
                 warn_if_one_window_example(self.config, input_dimensions, stage.blocks[0].geometry.window_size)
             hidden_states, reshaped, _, input_dimensions = stage(
                 hidden_states,

@@ -10,7 +10,7 @@ transformers loads first: the configuration and the image processor) checks both
 These are the floors of the model code in eager mode, inference and training (torch 2.6 lacks
 `torch.compiler.is_exporting`; transformers 5.17 and older import `AutoImageProcessor` only with torchvision), and
 `setup.cfg`'s: they refuse no release the code runs on. Tracing the model (`torch.compile`, `torch.export`, so also
-ONNX and AOTInductor) needs a newer torch, `TRACING_REQUIREMENT` (torch 2.11 fails inside dynamo and export), checked
+ONNX and AOTInductor) needs a newer torch, `TRACING_REQUIREMENT` (torch 2.9 specialises exported sizes), checked
 when tracing starts (`check_tracing_requirement`); the examples need a newer transformers (`setup.cfg`'s `examples`
 extra). `tests/test_requirements.py` runs the parity and image-processing tests at the transformers floor.
 """
@@ -21,7 +21,7 @@ from packaging.requirements import Requirement
 from transformers.utils.versions import require_version
 
 REQUIREMENTS = ("torch>=2.7", "transformers>=5.18")
-TRACING_REQUIREMENT = "torch>=2.12"
+TRACING_REQUIREMENT = "torch>=2.11"
 
 
 def check_requirements() -> None:
