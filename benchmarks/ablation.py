@@ -7,7 +7,8 @@ machine's drift and the heap's state affect both alike.
     python benchmarks/ablation.py --device cuda --dtype bf16 --without regathered-keys --modes train-64
     mkdir -p /tmp/before && git archive 0143432 src/focal_hf | tar -x -C /tmp/before   # another version, then:
     python benchmarks/ablation.py --device cuda --dtype bf16 --against /tmp/before/src/focal_hf --modes train-64
-    python benchmarks/ablation.py --device cuda --dtype bf16 --attention focal_triton --modes train-64 infer-128
+    python benchmarks/ablation.py --device cuda --dtype bf16 --without triton-kernels --modes train-64 infer-128
+    python benchmarks/ablation.py --attention sdpa --modes infer-8           # another attention implementation
 
 For each mode it prints both speeds (medians) and the speed-up the mechanisms give: the median over step pairs of
 (time without) / (time with), with its interquartile range; a mechanism whose range lies above 1.03 is worth more
@@ -21,9 +22,12 @@ attention (registered as "focal_sdpa_other"); the columns are then this version 
 version's. (Importing it maps transformers' Auto classes to its classes; this script does not use them.)
 
 `--attention NAME` compares the model run with another attention implementation (any registered with transformers'
-`AttentionInterface`; `focal_triton`, the fused Triton candidate, is registered by importing
-`benchmarks/triton_attention.py`, which this script does for that name) with the same model run with the default
-`focal_sdpa`; the columns are then NAME and focal_sdpa, the speed-up NAME's.
+`AttentionInterface`) with the same model run with the default `focal_sdpa`; the columns are then NAME and
+focal_sdpa, the speed-up NAME's.
+
+On CUDA it finally prints the launch configurations that `triton.autotune` chose for focal_sdpa's Triton kernels.
+Another version's kernels (`--against`) run only if their op has another name: ops are registered once per process
+by name (`modeling_focal.register_gathered_attention`).
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ from benchmark import (
     MODELS,
     REFERENCE,
     build_model,
-    import_triton_attention,
     make_step,
     mode_type,
     positive_int,
@@ -143,10 +146,8 @@ def main():
     elif args.attention:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        if args.attention == "focal_triton":
-            import_triton_attention("ablation.py")  # (registers it)
         if args.attention != "eager" and args.attention not in ALL_ATTENTION_FUNCTIONS:
-            known = ", ".join(["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys(), "focal_triton"])
+            known = ", ".join(["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()])
             parser.error(f"--attention: expected a registered attention implementation ({known}), got {args.attention}")
         without = copy.deepcopy(with_them)
         with_them.set_attn_implementation(args.attention)
@@ -183,10 +184,14 @@ def main():
             + memory,
             flush=True,
         )
-    if args.attention == "focal_triton":
-        for kernel, chosen in import_triton_attention("ablation.py").tuned_configs().items():
+    from focal_hf import modeling_focal
+
+    if cuda and modeling_focal.triton_gathered_attention is not None:
+        from focal_hf.triton_attention import tuned_configs
+
+        for kernel, chosen in tuned_configs().items():
             for shape, config in chosen.items():
-                print(f"focal_triton {kernel} {shape}: {config}")
+                print(f"Triton {kernel} kernel {shape}: {config}")
 
 
 if __name__ == "__main__":

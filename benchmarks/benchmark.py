@@ -61,7 +61,10 @@ MECHANISMS = {
     "cpu-attention-op": "the custom op of focal_sdpa on CPU (then: torch SDPA on the folded windows, as 'sdpa')",
     "cpu-chunking": "blocks taking a few images at a time on CPU without autograd",
     "inference-bias-cache": "the attention bias kept between forward passes without autograd",
-    "regathered-keys": "off the CPU, the gathered keys gathered again for the backward pass (then: kept)",
+    "regathered-keys": "off the CPU, the gathered keys gathered again for the backward pass (then: kept; implies "
+    "triton-kernels)",
+    "triton-kernels": "focal_sdpa's fused Triton kernels on NVIDIA GPUs in bf16/fp16 (then: torch SDPA on the folded "
+    "windows)",
 }
 MODE_PATTERN = re.compile(r"^(infer|train)-([1-9][0-9]*)$")
 
@@ -92,16 +95,6 @@ def require_cuda(script: str) -> None:
         sys.exit(f"{script}: --device cuda, but torch {torch.__version__} sees no CUDA GPU here")
 
 
-def import_triton_attention(script: str):
-    """`benchmarks/triton_attention.py` (which registers `attn_implementation="focal_triton"`), or exit with one line
-    if Triton is missing."""
-    try:
-        import triton_attention
-    except ImportError as error:
-        sys.exit(f"{script}: --attention focal_triton needs Triton ({error}); `pip install triton` (Linux x86-64)")
-    return triton_attention
-
-
 def build_model(name: str, image_size: int = 224, num_labels: int = 1000, without: tuple[str, ...] = ()):
     """An ImageNet classifier with random weights: an official Focal architecture or transformers' Swin-T; Focal
     models with the speed and memory mechanisms named in `without` (`MECHANISMS`) turned off (`turn_off`)."""
@@ -127,6 +120,11 @@ def turn_off(model, without: tuple[str, ...]):
 
         AttentionInterface.register("focal_sdpa_keeping_keys", focal_sdpa_keeping_keys)
         model.set_attn_implementation("focal_sdpa_keeping_keys")
+    elif "triton-kernels" in without:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register("focal_sdpa_without_triton", focal_sdpa_without_triton)
+        model.set_attn_implementation("focal_sdpa_without_triton")
     for module in model.modules():
         if "cpu-chunking" in without and isinstance(module, modeling_focal.FocalLayer):
             module.forward = module.block  # (the chunking lives in `forward`)
@@ -152,6 +150,21 @@ def focal_sdpa_keeping_keys(module, query, key, value, key_index, attention_mask
 
 
 focal_sdpa_keeping_keys.gathers_keys = True
+
+
+def focal_sdpa_without_triton(module, query, key, value, key_index, attention_mask, scaling, dropout=0.0, **kwargs):
+    """`focal_sdpa` without its Triton kernels: off the CPU always torch SDPA on the folded windows (`--without
+    triton-kernels`)."""
+    from focal_hf import modeling_focal
+
+    if query.device.type == "cpu":
+        return modeling_focal.focal_sdpa_attention(
+            module, query, key, value, key_index, attention_mask, scaling, dropout, **kwargs
+        )
+    return modeling_focal.folded_sdpa_attention(query, key, value, key_index, attention_mask, scaling, dropout), None
+
+
+focal_sdpa_without_triton.gathers_keys = True
 
 
 def _uncached_attention_bias(self, layout, dtype):

@@ -4,17 +4,18 @@
     python benchmarks/gpu_memory.py --models swin-tiny focal-tiny --batch-size 32 --image-sizes 224
     python benchmarks/gpu_memory.py --without regathered-keys       # the gathered keys kept for the backward pass
     python benchmarks/gpu_memory.py --traffic                       # the bytes read and written instead (GB)
-    python benchmarks/gpu_memory.py --traffic --attention focal_triton   # Focal models with another attention
+    python benchmarks/gpu_memory.py --traffic --without triton-kernels  # focal_sdpa's GPU path without its kernels
 
 Each model runs one training step as `benchmark.py --device cuda --dtype bf16` does (forward under bf16 autocast,
 backward, AdamW; after one step that creates the optimizer state) on PyTorch's meta device: tensors with shapes and
 dtypes but no data, so the largest model and batch take seconds and no memory. `MemTracker` (torch.distributed's
-memory tracker) counts the bytes of the tensors alive at every moment. Two things a CUDA GPU does differently are
-reproduced: scaled-dot-product attention runs the memory-efficient kernel (what CUDA picks for an additive float
-bias, whose meta implementation gives the kernel's outputs and what it keeps), and autocast's casting rules (matrix
-products and convolutions in bf16; normalisation, softmax and losses in float32) are applied by a function mode,
-since autocast has no meta device. Reported, as `benchmark.py` does on CUDA: the peak over the step less the
-weights, in MiB, and each model's ratio to Swin-T at the same image size.
+memory tracker) counts the bytes of the tensors alive at every moment. Three things a CUDA GPU does differently are
+reproduced: focal_sdpa takes its GPU path, the fused Triton kernels (where Triton is installed; their op traced for
+the shapes of its outputs), scaled-dot-product attention runs the memory-efficient kernel (what CUDA picks for an
+additive float bias, whose meta implementation gives the kernel's outputs and what it keeps), and autocast's casting
+rules (matrix products and convolutions in bf16; normalisation, softmax and losses in float32) are applied by a
+function mode, since autocast has no meta device. Reported, as `benchmark.py` does on CUDA: the peak over the step
+less the weights, in MiB, and each model's ratio to Swin-T at the same image size.
 
 With `--traffic` it counts instead the bytes that the step's operators read and write (`Traffic`), a proxy for the
 time a GPU spends on memory-bound work (copies, casts, gathers, elementwise operators).
@@ -33,7 +34,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from benchmark import MECHANISMS, MODELS, REFERENCE, build_model, import_triton_attention, positive_int, write_json
+from benchmark import MECHANISMS, MODELS, REFERENCE, build_model, positive_int, write_json
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -167,27 +168,24 @@ def training_step_traffic(model: torch.nn.Module, batch_size: int, image_size: i
     return traffic.bytes
 
 
-def estimate(
-    name: str,
-    batch_size: int,
-    image_size: int,
-    without: tuple[str, ...] = (),
-    measure=training_step_peak,
-    attention: str | None = None,
-):
+def runs_triton_kernels_as_on_a_gpu(query: torch.Tensor, dropout: float) -> bool:
+    """`modeling_focal.runs_triton_kernels` as on an NVIDIA GPU from Ampere, for the meta device's queries."""
+    low_precision = query.dtype in (torch.bfloat16, torch.float16)
+    return modeling_focal.triton_gathered_attention is not None and low_precision and dropout == 0.0
+
+
+def estimate(name: str, batch_size: int, image_size: int, without: tuple[str, ...] = (), measure=training_step_peak):
     """`measure` (`training_step_peak` or `training_step_traffic`) of a `benchmark.py` model (Focal models without the
-    mechanisms named in `without`, with the attention implementation `attention` if given) on the meta device, SDPA
-    as on a CUDA GPU."""
+    mechanisms named in `without`) on the meta device, SDPA and focal_sdpa as on a CUDA GPU."""
     with torch.device("meta"):
         model = build_model(name, image_size, without=without)
-    if attention is not None and name != REFERENCE:
-        model.set_attn_implementation(attention)
-    sdpa = F.scaled_dot_product_attention
+    sdpa, runs_triton_kernels = F.scaled_dot_product_attention, modeling_focal.runs_triton_kernels
     F.scaled_dot_product_attention = memory_efficient_sdpa
+    modeling_focal.runs_triton_kernels = runs_triton_kernels_as_on_a_gpu
     try:
         return measure(model, batch_size, image_size)
     finally:
-        F.scaled_dot_product_attention = sdpa
+        F.scaled_dot_product_attention, modeling_focal.runs_triton_kernels = sdpa, runs_triton_kernels
 
 
 def main():
@@ -207,16 +205,8 @@ def main():
         action="store_true",
         help="estimate the bytes the step's operators read and write (GB) instead of its peak memory",
     )
-    parser.add_argument(
-        "--attention",
-        choices=["focal_triton"],
-        help="run the Focal models with this attention implementation instead of focal_sdpa (focal_triton: the "
-        "fused Triton candidate, benchmarks/triton_attention.py; its kernels counted by their operands)",
-    )
     parser.add_argument("--json", help="also write the estimates (MiB, or GB with --traffic) to this JSON file")
     args = parser.parse_args()
-    if args.attention == "focal_triton":
-        import_triton_attention("gpu_memory.py")  # (registers it)
     models = [REFERENCE] + [name for name in args.models if name != REFERENCE]
     results = []
     without = tuple(args.without)
@@ -229,7 +219,7 @@ def main():
         f"estimated {'memory traffic' if args.traffic else 'peak memory'} of a bf16 training step on a CUDA GPU, batch "
         f"{args.batch_size} ({unit})"
         + (f"; Focal models without {', '.join(without)}" if without else "")
-        + (f"; Focal models with {args.attention} attention" if args.attention else "")
+        + ("" if modeling_focal.triton_gathered_attention else "; without Triton (focal_sdpa without its kernels)")
     )
     print("| model | " + " | ".join(f"{size} px" for size in args.image_sizes) + " |")
     print("| --- |" + " --- |" * len(args.image_sizes))
@@ -237,13 +227,8 @@ def main():
     for name in models:
         cells = []
         for size in args.image_sizes:
-            figure = (
-                reference[size]
-                if name == REFERENCE
-                else estimate(name, args.batch_size, size, without, measure, args.attention)
-            )
+            figure = reference[size] if name == REFERENCE else estimate(name, args.batch_size, size, without, measure)
             result = {"model": name, "image_size": size, "batch_size": args.batch_size, "without": list(without)}
-            result["attention"] = args.attention or "focal_sdpa"
             results.append({**result, key: figure / scale})
             cells.append(f"{figure / scale:,.{1 if args.traffic else 0}f} ({figure / reference[size]:.2f}x)")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)

@@ -1,11 +1,13 @@
-"""GPU correctness of the attention path off the CPU (`benchmarks/gpu_check.sh` runs this on a lent GPU; CI has none).
+"""GPU correctness of the attention paths off the CPU (`benchmarks/gpu_check.sh` runs this on a lent GPU; CI has
+none).
 
-`focal_sdpa` on CUDA is one `scaled_dot_product_attention` call with the windows folded into the head dimension and
-one bias broadcast over the batch: its values and gradients must equal the eager path's, also through the
-memory-efficient kernel (the one that takes an additive bias and differentiates it), in fp32 and bf16. The same
-holds for the fused Triton candidate, `focal_triton` (`benchmarks/triton_attention.py`), compiled for the GPU here
-(CI checks it in Triton's interpreter), also at Focal-T's size (its 224 keys in several blocks) and under
-`torch.compile`.
+`focal_sdpa` on an NVIDIA GPU runs its fused Triton kernels (`focal_hf.triton_attention`, compiled for the GPU here; CI
+checks them in Triton's interpreter) in bf16 and fp16, and elsewhere (fp32, dropout, `torch.export`, no Triton) one
+`scaled_dot_product_attention` call with the windows folded into the head dimension and one bias broadcast over the
+batch (`--without triton-kernels` forces it here). Both must give the eager path's values and gradients: the folded
+call also through the memory-efficient kernel (the one that takes an additive bias and differentiates it), in fp32
+and bf16, and under `torch.compile`; the kernels in bf16 and fp16 training steps, in inference from
+`TRITON_MIN_INFERENCE_BATCH` images, and at Focal-T's size (its 224 keys in several blocks).
 """
 
 import os
@@ -20,10 +22,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # where nothing set it)
 os.environ["TRITON_INTERPRET"] = "0"
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-import triton_attention  # noqa: E402  (registers "focal_triton")
+from benchmark import turn_off  # noqa: E402
 from conftest import tiny_config  # noqa: E402
+from test_triton_attention import runs_everywhere  # noqa: E402
 
-from focal_hf import FocalForImageClassification, official_config  # noqa: E402
+from focal_hf import FocalForImageClassification, modeling_focal, official_config, triton_attention  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 assert not triton_attention.INTERPRETED
@@ -33,7 +36,7 @@ torch.backends.cudnn.allow_tf32 = False
 
 @pytest.fixture(autouse=True, scope="module")
 def one_launch_configuration():
-    """focal_triton's kernels in their first launch configuration only: `triton.autotune` would compile and time every
+    """The Triton kernels in their first launch configuration only: `triton.autotune` would compile and time every
     one for each of these tests' many block shapes (`ablation.py` tunes them; CI compiles every one for sm_90)."""
     tuned = (triton_attention._tuned_forward, triton_attention._tuned_backward)
     configs = [kernel.configs for kernel in tuned]
@@ -44,10 +47,11 @@ def one_launch_configuration():
         kernel.configs = kept
 
 
-def _pair(attention_type, implementation="focal_sdpa"):
-    """The same tiny model (shifted windows) with the eager attention and `implementation`, on the GPU."""
+def _pair(attention_type, without=()):
+    """The same tiny model (shifted windows) with the eager attention and with focal_sdpa (without the mechanisms named
+    in `without`, benchmark.py's names), on the GPU."""
     models = []
-    for attn_implementation in ("eager", implementation):
+    for attn_implementation in ("eager", "focal_sdpa"):
         config = tiny_config(
             attention_type=attention_type,
             focal_topk=12,
@@ -57,8 +61,15 @@ def _pair(attention_type, implementation="focal_sdpa"):
         )
         models.append(FocalForImageClassification(config).cuda().train())
     models[1].load_state_dict(models[0].state_dict())
-    assert [model.config._attn_implementation for model in models] == ["eager", implementation]
-    return models
+    return models[0], turn_off(models[1], without)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The calls of the Triton kernels' op, counted."""
+    kernel, calls = modeling_focal.triton_gathered_attention, []
+    monkeypatch.setattr(modeling_focal, "triton_gathered_attention", lambda *args: calls.append(1) or kernel(*args))
+    return calls
 
 
 def _run(model, pixel_values, labels):
@@ -78,30 +89,31 @@ def assert_equals_reference(reference, logits, grads):
         torch.testing.assert_close(grads[name], reference_grads[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
-@pytest.mark.parametrize(
-    "implementation, backend",
-    [("focal_sdpa", None), ("focal_sdpa", SDPBackend.EFFICIENT_ATTENTION), ("focal_triton", None)],
-)
+@pytest.mark.parametrize("backend", [None, SDPBackend.EFFICIENT_ATTENTION])
 @pytest.mark.parametrize("size", [(64, 64), (96, 160)])
 @pytest.mark.parametrize("attention_type", ["focal", "focal_fast"])
-def test_values_and_gradients_equal_eager(attention_type, size, implementation, backend):
-    eager, fused = _pair(attention_type, implementation)
+def test_folded_sdpa_values_and_gradients_equal_eager(attention_type, size, backend, kernel_calls):
+    eager, fused = _pair(attention_type)  # (fp32: the folded SDPA call)
     pixel_values = torch.randn(3, 3, *size, device="cuda")
     labels = torch.tensor([0, 4, 2], device="cuda")
     reference = _run(eager, pixel_values, labels)
     with sdpa_kernel(backend) if backend is not None else torch.enable_grad():
         assert_equals_reference(reference, *_run(fused, pixel_values, labels))
+    assert not kernel_calls
 
 
-@pytest.mark.parametrize("implementation", ["focal_sdpa", "focal_triton"])
+@pytest.mark.parametrize(
+    "dtype, without", [(torch.bfloat16, ()), (torch.float16, ()), (torch.bfloat16, ("triton-kernels",))]
+)
 @pytest.mark.parametrize("attention_type", ["focal", "focal_fast"])
-def test_bfloat16_training_step(attention_type, implementation):
-    eager, fused = _pair(attention_type, implementation)
+def test_low_precision_training_step(attention_type, dtype, without, kernel_calls):
+    eager, fused = _pair(attention_type, without)
     pixel_values = torch.randn(4, 3, 96, 96, device="cuda")
     labels = torch.tensor([0, 1, 2, 3], device="cuda")
     reference_logits, reference = _run(eager, pixel_values, labels)
-    with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+    with torch.autocast("cuda", dtype=dtype), sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
         logits, grads = _run(fused, pixel_values, labels)
+    assert len(kernel_calls) == (0 if without else 7)  # every block ran the kernels, or none
     torch.testing.assert_close(logits.float(), reference_logits, atol=5e-2, rtol=5e-2)
     flat = torch.cat([grads[name].float().flatten() for name in reference])
     flat_reference = torch.cat([grad.flatten() for grad in reference.values()])
@@ -118,24 +130,54 @@ def test_focal_tiny_on_gpu_equals_cpu():
     torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=0)
 
 
-def test_triton_at_focal_tiny_size_equals_focal_sdpa():
+def test_kernels_at_focal_tiny_size_equal_folded_sdpa(kernel_calls, monkeypatch):
+    # in float32 (the kernels taken as in bf16, here exact: no TF32) at Focal-T's size: its 224 keys in several blocks
     torch.manual_seed(0)
-    overrides = dict(num_labels=10, drop_path_rate=0.0)  # (training mode without random paths)
-    sdpa = FocalForImageClassification(official_config("focal-tiny", **overrides)).cuda().train()
-    config = official_config("focal-tiny", attn_implementation="focal_triton", **overrides)
-    fused = FocalForImageClassification(config).cuda().train()
-    fused.load_state_dict(sdpa.state_dict())
+    overrides = dict(num_labels=10, drop_path_rate=0.0)  # (training without random paths)
+    # (a config each: `turn_off` sets the attention implementation of the model's config)
+    folded = FocalForImageClassification(official_config("focal-tiny", **overrides)).cuda().train()
+    folded = turn_off(folded, ("triton-kernels",))
+    fused = FocalForImageClassification(official_config("focal-tiny", **overrides)).cuda().train()
+    fused.load_state_dict(folded.state_dict())
     pixel_values = torch.randn(2, 3, 224, 224, device="cuda")
     labels = torch.tensor([1, 7], device="cuda")
-    assert_equals_reference(_run(sdpa, pixel_values, labels), *_run(fused, pixel_values, labels))
+    reference = _run(folded, pixel_values, labels)
+    monkeypatch.setattr(modeling_focal, "runs_triton_kernels", runs_everywhere)
+    assert_equals_reference(reference, *_run(fused, pixel_values, labels))
+    assert len(kernel_calls) == 12  # every block
 
 
-def test_triton_compiles_in_one_graph():
-    eager, fused = _pair("focal", "focal_triton")
-    compiled = torch.compile(fused, fullgraph=True)
-    pixel_values = torch.randn(4, 3, 96, 96, device="cuda")
-    labels = torch.tensor([0, 1, 2, 3], device="cuda")
-    assert_equals_reference(_run(eager, pixel_values, labels), *_run(compiled, pixel_values, labels))
+def test_inference_takes_the_kernels_from_a_large_batch(kernel_calls):
+    # without autograd the kernels run from TRITON_MIN_INFERENCE_BATCH images, with the folded SDPA call's outputs
+    eager, fused = _pair("focal_fast")
+    eager, fused = eager.eval().bfloat16(), fused.eval().bfloat16()
+    least = modeling_focal.TRITON_MIN_INFERENCE_BATCH
+    pixel_values = torch.randn(least, 3, 64, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        small = fused(pixel_values[: least - 1]).logits
+        assert not kernel_calls
+        logits, reference = fused(pixel_values).logits, eager(pixel_values).logits
+    assert len(kernel_calls) == 7
+    torch.testing.assert_close(logits.float(), reference.float(), atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(small.float(), logits[: least - 1].float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_training_step_equals_eager(dynamic, kernel_calls):
+    # compiled for one size, and for any size (two sizes, one graph); with the folded SDPA call, not the kernels
+    eager, fused = _pair("focal")
+    compiled = torch.compile(fused, fullgraph=True, dynamic=dynamic)
+    for size in [(96, 96), (128, 96)] if dynamic else [(96, 96)]:
+        pixel_values = torch.randn(4, 3, *size, device="cuda")
+        labels = torch.tensor([0, 1, 2, 3], device="cuda")
+        reference_logits, reference = _run(eager, pixel_values, labels)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, grads = _run(compiled, pixel_values, labels)
+        torch.testing.assert_close(logits.float(), reference_logits, atol=5e-2, rtol=5e-2)
+        flat = torch.cat([grads[name].float().flatten() for name in reference])
+        flat_reference = torch.cat([grad.flatten() for grad in reference.values()])
+        assert torch.nn.functional.cosine_similarity(flat, flat_reference, dim=0) > 0.99
+    assert not kernel_calls
 
 
 def test_training_keeps_no_gathered_keys_on_gpu(monkeypatch):
@@ -144,10 +186,9 @@ def test_training_keeps_no_gathered_keys_on_gpu(monkeypatch):
     # less their source, the projection's keys and values (which only the regathering keeps)
     import contextlib
 
-    from focal_hf import modeling_focal
-
     torch.manual_seed(0)
     model = FocalForImageClassification(official_config("focal-tiny")).cuda().train()
+    model = turn_off(model, ("triton-kernels",))  # (the Triton kernels gather nothing)
     pixel_values = torch.randn(16, 3, 224, 224, device="cuda")
     labels = torch.zeros(16, dtype=torch.long, device="cuda")
     gathered = []

@@ -15,14 +15,16 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def run_script(*args, script: str = SCRIPT.name, **env):
-    """Run one of the benchmark scripts (by default benchmark.py) on this checkout's `src`, offline."""
+    """Run one of the benchmark scripts (by default benchmark.py) on this checkout's `src`, offline, as a user runs it:
+    Triton compiles rather than interprets (gpu_memory.py traces the Triton kernels' op on the meta device; the
+    interpreter would run them)."""
     pythonpath = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, str(SCRIPT.parent / script), *args],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", **env},
+        env={**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "0", **env},
     )
 
 
@@ -194,7 +196,9 @@ def test_regathered_keys_turned_off_keep_the_gathered_keys_off_the_cpu(benchmark
             gathered = 2 * batch_size * key_index.numel() * dim * 2
             source = batch_size * (int(key_index.max()) + 1) * 3 * dim * 2
             difference += gathered - source
-    regathered = gpu_memory.estimate("focal-tiny", batch_size, 224)
+    # (SDPA on the folded windows, without the Triton kernels, which gather nothing: here Triton's interpreter would
+    # run them on meta tensors)
+    regathered = gpu_memory.estimate("focal-tiny", batch_size, 224, ("triton-kernels",))
     kept = gpu_memory.estimate("focal-tiny", batch_size, 224, ("regathered-keys",))
     assert kept - regathered > 0.9 * difference > 0, (kept, regathered, difference)
 
@@ -240,14 +244,13 @@ def test_ablation_against_another_version(tmp_path):
 
 
 def test_ablation_with_another_attention():
-    # the Triton candidate against focal_sdpa (here run by Triton's interpreter: conftest sets TRITON_INTERPRET)
-    pytest.importorskip("triton", reason="Triton has wheels for Linux on x86-64 only (setup.cfg's test extra)")
-    args = ["--attention", "focal_triton", "--modes", "infer-1", "--image-size", "64", "--steps", "2"]
+    # transformers' SDPA (the keys gathered, the windows folded) against focal_sdpa (the CPU op)
+    args = ["--attention", "sdpa", "--modes", "infer-1", "--image-size", "64", "--steps", "2"]
     result = run_script(*args, "--warmup", "1", script="ablation.py")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert "attention focal_triton and focal_sdpa" in lines[0]
-    assert lines[1].startswith("mode     | focal_triton (img/s) | focal_sdpa (img/s) | speed-up of focal_triton")
+    assert "attention sdpa and focal_sdpa" in lines[0]
+    assert lines[1].startswith("mode     | sdpa (img/s) | focal_sdpa (img/s) | speed-up of sdpa")
     rows = [[cell.strip() for cell in line.split("|")] for line in lines[2:]]
     assert [row[0] for row in rows] == ["infer-1"]
     assert all(float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith(")") for row in rows)
@@ -314,8 +317,8 @@ def test_gpu_memory_estimate_runs_the_gpu_kernel_in_bf16(gpu_memory):
             return func(*args, **(kwargs or {}))
 
     sdpa = F.scaled_dot_product_attention
-    with Record() as record:
-        peak = gpu_memory.estimate("focal-tiny", 2, 64)
+    with Record() as record:  # (the folded SDPA call: here Triton's interpreter would run the kernels on meta tensors)
+        peak = gpu_memory.estimate("focal-tiny", 2, 64, without=("triton-kernels",))
     assert F.scaled_dot_product_attention is sdpa  # put back
     blocks = 12  # Focal-T: 2 + 2 + 6 + 2, two steps (the first creates the optimizer state)
     assert record.calls.count(("aten::_scaled_dot_product_efficient_attention", torch.bfloat16)) == 2 * blocks
@@ -345,36 +348,26 @@ def test_gpu_memory_run_end_to_end():
     assert 0 < float(rows[0][1].split()[0]) < float(rows[1][1].split()[0])  # Focal-T moves more than Swin-T
 
 
-def test_fused_candidate_without_triton_is_refused_in_one_line(tmp_path):
-    (tmp_path / "triton").mkdir()
-    (tmp_path / "triton" / "__init__.py").write_text('raise ImportError("no Triton in this test")\n')
-    pythonpath = os.pathsep.join([str(tmp_path), str(SRC)])
-    for script in ("gpu_memory.py", "ablation.py"):
-        result = run_script("--attention", "focal_triton", script=script, PYTHONPATH=pythonpath)
-        assert result.returncode != 0 and result.stdout == "", script
-        assert result.stderr.strip().count("\n") == 0, result.stderr[-2000:]
-        assert f"{script}: --attention focal_triton needs Triton (no Triton in this test)" in result.stderr
-
-
-def test_gpu_memory_estimates_the_fused_candidate():
-    # Focal-T with the fused Triton candidate on the meta device (its op's fake implementation gives the outputs; run
-    # without Triton's interpreter, which would launch the kernels): without the gathered keys, their gradients and
-    # the per-image bias gradient the step moves far fewer bytes than through focal_sdpa, and holds no more memory
+def test_gpu_memory_estimates_the_triton_kernels():
+    # Focal-T on the meta device with focal_sdpa's GPU path, the Triton kernels (their op traced for its outputs'
+    # shapes), and without them (SDPA on the folded windows): without the gathered keys, their gradients and the
+    # per-image bias gradient the step moves far fewer bytes, and holds no more memory
     pytest.importorskip("triton", reason="Triton has wheels for Linux on x86-64 only (setup.cfg's test extra)")
     figures = {}
     for what in ("--traffic", None):
-        for attention in (None, "focal_triton"):
+        for without in ((), ("triton-kernels",)):
             args = ["--models", "focal-tiny", "--batch-size", "4", "--image-sizes", "224"]
             args += [what] if what else []
-            args += ["--attention", attention] if attention else []
-            result = run_script(*args, script="gpu_memory.py", TRITON_INTERPRET="0")
+            args += ["--without", *without] if without else []
+            result = run_script(*args, script="gpu_memory.py")
             assert result.returncode == 0, result.stderr[-3000:]
             lines = result.stdout.splitlines()
-            assert lines[0].endswith(f"; Focal models with {attention} attention") == bool(attention)
+            assert lines[0].endswith("; Focal models without triton-kernels") == bool(without), lines[0]
             assert lines[-1].startswith("| focal-tiny | ")
-            figures[what, attention] = float(lines[-1].split("|")[2].split()[0].replace(",", ""))
-    assert 0 < figures["--traffic", "focal_triton"] < 0.9 * figures["--traffic", None], figures
-    assert 0 < figures[None, "focal_triton"] <= figures[None, None], figures
+            figures[what, without] = float(lines[-1].split("|")[2].split()[0].replace(",", ""))
+    kernels, folded = (), ("triton-kernels",)
+    assert 0 < figures["--traffic", kernels] < 0.9 * figures["--traffic", folded], figures
+    assert 0 < figures[None, kernels] <= figures[None, folded], figures
 
 
 def test_gather_kernels_time_every_variant_and_catch_a_wrong_one(capsys, monkeypatch):

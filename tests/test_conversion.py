@@ -156,6 +156,7 @@ def test_push_to_hub_sends_the_folder(tmp_path, fake_hub):
         "modeling_focal.py",
         "preprocessor_config.json",
         "requirements.py",
+        "triton_attention.py",
     ]
     card = ModelCard.load(upload["README.md"])
     assert card.data.pipeline_tag == "image-classification" and "custom_code" in card.data.tags
@@ -254,6 +255,7 @@ def test_remote_code_folder_runs_the_pipeline_without_focal_hf(tmp_path):
         "image_processing_focal.py",
         "modeling_focal.py",
         "requirements.py",
+        "triton_attention.py",
     ]
     assert json.loads((output / "preprocessor_config.json").read_text())["auto_map"] == {
         "AutoImageProcessor": "image_processing_focal.FocalImageProcessor"

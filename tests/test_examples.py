@@ -291,6 +291,7 @@ def test_trainer_push_to_hub_with_remote_code(image_folder, tmp_path, fake_hub):
         "modeling_focal.py",
         "image_processing_focal.py",
         "requirements.py",
+        "triton_attention.py",
     } <= set(upload)
     config = json.loads(upload["config.json"].read_text())
     assert config["id2label"] == {"0": "bright", "1": "dark"} and config["auto_map"] == hub.AUTO_MAP

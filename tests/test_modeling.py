@@ -458,7 +458,11 @@ def test_cpu_op_is_registered_beside_the_older_signature():
         ) -> tuple[torch.Tensor, torch.Tensor]:
             return query.clone(), query.new_zeros(0)
 
-    op = modeling_focal._register_cpu_gathered_attention()
+    op = modeling_focal.register_gathered_attention(
+        modeling_focal.CPU_ATTENTION_OP,
+        modeling_focal._cpu_gathered_attention,
+        modeling_focal._cpu_gathered_attention_backward,
+    )
     assert op is torch.ops.focal_transformer.cpu_gathered_attention_2
     assert "Tensor key, Tensor value" in str(op.default._schema)
     model = make(FocalForImageClassification, "focal").train()

@@ -1,6 +1,7 @@
-"""The Triton candidate for the GPU path (`benchmarks/triton_attention.py`, `attn_implementation="focal_triton"`),
-run here by Triton's interpreter on the CPU: the same values and gradients as eager attention and the CPU op, also
-through the launch path a GPU takes (autotuning); and its kernels compiled for a GPU (sm_90) without one."""
+"""focal_sdpa's GPU path, the fused Triton kernels (`focal_hf.triton_attention`, the op
+`modeling_focal.triton_gathered_attention`), run here by Triton's interpreter on the CPU: the same values and gradients
+as eager attention and the CPU op, also through the launch path a GPU takes (autotuning); when focal_sdpa takes it;
+its kernels compiled for a GPU (sm_90) without one; and the package and its remote code without Triton."""
 
 import os
 import subprocess
@@ -8,18 +9,21 @@ import sys
 
 import pytest
 import torch
-from conftest import BENCHMARKS, import_script
+from conftest import BENCHMARKS, tiny_config
 from test_modeling import ATTENTIONS, assert_equals_eager_with_shift
 
-from focal_hf.modeling_focal import cpu_gathered_attention
+from focal_hf import FocalForImageClassification, FocalImageProcessor, modeling_focal
+from focal_hf.modeling_focal import cpu_gathered_attention, is_exporting
 
 
 @pytest.fixture(scope="module")
 def triton_attention():
     pytest.importorskip("triton", reason="Triton has wheels for Linux on x86-64 only (setup.cfg's test extra)")
-    module = import_script("triton_attention")
-    assert module.INTERPRETED  # (conftest sets TRITON_INTERPRET)
-    return module
+    from focal_hf import triton_attention
+
+    assert triton_attention.INTERPRETED  # (conftest sets TRITON_INTERPRET)
+    assert modeling_focal.triton_gathered_attention is torch.ops.focal_transformer.triton_gathered_attention
+    return triton_attention
 
 
 def random_inputs(dtype, batch_size=3, num_windows=4, num_heads=2, head_dim=24, num_tokens=70, num_keys=40, area=49):
@@ -35,17 +39,8 @@ def random_inputs(dtype, batch_size=3, num_windows=4, num_heads=2, head_dim=24, 
     return *tensors, key_index
 
 
-@pytest.mark.parametrize(
-    "area, key_block",
-    [(49, 64), (49, 16), (80, 16)],  # keys in one block or in three (the last partly padding); queries in two blocks
-)
-def test_op_equals_the_cpu_op(triton_attention, monkeypatch, area, key_block):
-    # head_dim 24 and 40 keys: blocks wider than the data (masked loads and stores); 3 images: a group of 2 and of 1;
-    # the forward pass's softmax over several key blocks; the backward pass's blocks each adding to the gradients
-    monkeypatch.setitem(triton_attention.INTERPRETED_FORWARD, "BLOCK_K", key_block)
-    monkeypatch.setitem(triton_attention.INTERPRETED_BACKWARD, "BLOCK_K", key_block)
-    query, key, value, bias, key_index = random_inputs(torch.float32, area=area)
-    output, logsumexp = triton_attention.triton_gathered_attention(query, key, value, bias, key_index, 2, 0.3)
+def assert_op_equals_the_cpu_op(query, key, value, bias, key_index):
+    output, logsumexp = modeling_focal.triton_gathered_attention(query, key, value, bias, key_index, 2, 0.3)
     expected, expected_logsumexp = cpu_gathered_attention(query, key, value, bias, key_index, 2, 0.3)
     torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logsumexp, expected_logsumexp, atol=1e-5, rtol=1e-5)
@@ -56,6 +51,18 @@ def test_op_equals_the_cpu_op(triton_attention, monkeypatch, area, key_block):
     for name, grad, expected_grad in zip(("query", "key", "value", "bias"), grads, expected_grads, strict=True):
         assert grad.abs().max() > 0.1, name
         torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "area, key_block",
+    [(49, 64), (49, 16), (80, 16)],  # keys in one block or in three (the last partly padding); queries in two blocks
+)
+def test_op_equals_the_cpu_op(triton_attention, monkeypatch, area, key_block):
+    # head_dim 24 and 40 keys: blocks wider than the data (masked loads and stores); 3 images: a group of 2 and of 1;
+    # the forward pass's softmax over several key blocks; the backward pass's blocks each adding to the gradients
+    monkeypatch.setitem(triton_attention.INTERPRETED_FORWARD, "BLOCK_K", key_block)
+    monkeypatch.setitem(triton_attention.INTERPRETED_BACKWARD, "BLOCK_K", key_block)
+    assert_op_equals_the_cpu_op(*random_inputs(torch.float32, area=area))
 
 
 def test_tuned_launch_as_on_a_gpu(triton_attention, monkeypatch):
@@ -73,39 +80,61 @@ def test_tuned_launch_as_on_a_gpu(triton_attention, monkeypatch):
 
         monkeypatch.setattr(kernel, "_do_bench", timer)
         monkeypatch.setattr(kernel, "cache", {})
-    query, key, value, bias, key_index = random_inputs(torch.float32, area=80)
-    output = triton_attention.triton_gathered_attention(query, key, value, bias, key_index, 2, 0.3)[0]
-    expected = cpu_gathered_attention(query, key, value, bias, key_index, 2, 0.3)[0]
-    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
-    grad_output = torch.randn_like(output)
-    inputs = (query, key, value, bias)
-    grads = torch.autograd.grad(output, inputs, grad_output)
-    for grad, expected_grad in zip(grads, torch.autograd.grad(expected, inputs, grad_output), strict=True):
-        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+    assert_op_equals_the_cpu_op(*random_inputs(torch.float32, area=80))
     chosen = triton_attention.tuned_configs()
     last = (triton_attention.FORWARD_CONFIGS[-1], triton_attention.BACKWARD_CONFIGS[-1])
     assert [list(configs.values()) for configs in chosen.values()] == [[triton_attention.describe(c)] for c in last]
 
 
-def test_dropout_and_export_fall_back_to_focal_sdpa(triton_attention, monkeypatch):
-    calls = []
-    monkeypatch.setattr(triton_attention, "triton_gathered_attention", lambda *args: calls.append(args) or args)
-    query, key, value, bias, key_index = random_inputs(torch.float32)
+def test_focal_sdpa_takes_the_kernels_only_where_they_run(triton_attention, monkeypatch):
+    # on CPU never (the CPU op); on an NVIDIA GPU from Ampere (here: meta tensors, for which `is_cuda` and the device's
+    # capability answer as there) in bf16 and fp16, without dropout, in eager mode, with autograd or from
+    # TRITON_MIN_INFERENCE_BATCH images; else SDPA on the folded windows
+    assert not modeling_focal.runs_triton_kernels(random_inputs(torch.bfloat16)[0], 0.0)  # (a CPU tensor)
     module = torch.nn.Module()
-    for dropout, exporting in ((0.0, False), (0.1, False), (0.0, True)):
-        monkeypatch.setattr(torch.compiler, "_is_exporting_flag", exporting)  # what `is_exporting()` reads
-        triton_attention.focal_triton_attention(module, query, key, value, key_index, bias, 0.3, dropout)
-        assert len(calls) == (dropout == 0.0 and not exporting)
+    calls = []
+    monkeypatch.setattr(modeling_focal, "triton_gathered_attention", lambda *args: calls.append("triton") or args)
+    monkeypatch.setattr(modeling_focal, "folded_sdpa_attention", lambda *args: calls.append("sdpa"))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda tensor: True))
+    state = {"capability": 8, "exporting": False, "compiling": False}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (state["capability"], 0))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: state["compiling"])
+    least = modeling_focal.TRITON_MIN_INFERENCE_BATCH
+    cases = [  # (dtype, dropout, autograd, batch size, changed state) -> the path
+        ((torch.bfloat16, 0.0, True, 2, {}), "triton"),
+        ((torch.float16, 0.0, True, 2, {"capability": 9}), "triton"),
+        ((torch.float32, 0.0, True, 2, {}), "sdpa"),
+        ((torch.bfloat16, 0.1, True, 2, {}), "sdpa"),
+        ((torch.bfloat16, 0.0, True, 2, {"exporting": True}), "sdpa"),
+        ((torch.bfloat16, 0.0, True, 2, {"compiling": True}), "sdpa"),
+        ((torch.bfloat16, 0.0, True, 2, {"capability": 7}), "sdpa"),
+        ((torch.bfloat16, 0.0, False, least - 1, {}), "sdpa"),
+        ((torch.bfloat16, 0.0, False, least, {}), "triton"),
+    ]
+    for (dtype, dropout, autograd, batch_size, changed), path in cases:
+        state.update({"capability": 8, "exporting": False, "compiling": False, **changed})
+        monkeypatch.setattr(torch.compiler, "_is_exporting_flag", state["exporting"])  # what `is_exporting()` reads
+        query, key, value, bias, key_index = random_inputs(dtype, batch_size=batch_size, num_windows=1, area=4)
+        query, key, value, bias = (tensor.detach().to("meta") for tensor in (query, key, value, bias))
+        with torch.set_grad_enabled(autograd):
+            modeling_focal.focal_sdpa_attention(module, query, key, value, key_index.to("meta"), bias, 0.3, dropout)
+        assert calls == [path], (dtype, dropout, autograd, batch_size, changed)
         calls.clear()
+
+
+def runs_everywhere(query, dropout):
+    """`runs_triton_kernels` answering as on a GPU for any device (here: the CPU, the kernels interpreted)."""
+    return dropout == 0.0 and not is_exporting()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("size", [(64, 64), (80, 48)])
 @pytest.mark.parametrize("attention_type", ATTENTIONS)
 def test_model_equals_eager_with_shift(triton_attention, monkeypatch, attention_type, size, dtype):
-    kernel, calls = triton_attention.triton_gathered_attention, []
-    monkeypatch.setattr(triton_attention, "triton_gathered_attention", lambda *args: calls.append(1) or kernel(*args))
-    assert_equals_eager_with_shift(attention_type, "focal_triton", size, dtype)
+    kernel, calls = modeling_focal.triton_gathered_attention, []
+    monkeypatch.setattr(modeling_focal, "runs_triton_kernels", runs_everywhere)
+    monkeypatch.setattr(modeling_focal, "triton_gathered_attention", lambda *args: calls.append(1) or kernel(*args))
+    assert_equals_eager_with_shift(attention_type, "focal_sdpa", size, dtype)
     assert len(calls) == 7  # every block ran the kernels
 
 
@@ -115,7 +144,7 @@ def test_kernels_compile_for_a_gpu(triton_attention):
     # blocks of queries and of keys)
     args = ["--capability", "90", "--window-area", "144", "--keys", "300", "--heads", "4", "--head-dim", "32"]
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "triton_attention.py"), *args],
+        [sys.executable, str(BENCHMARKS / "triton_registers.py"), *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -129,3 +158,37 @@ def test_kernels_compile_for_a_gpu(triton_attention):
     expected += [("backward", c) for c in triton_attention.BACKWARD_CONFIGS]
     assert [row[:2] for row in rows] == [[name, triton_attention.describe(config)] for name, config in expected]
     assert all(0 < int(row[2].split()[0]) <= 255 and int(row[3].split()[0]) >= 0 for row in rows)
+
+
+WITHOUT_TRITON = """
+import sys
+sys.modules["focal_hf"] = None  # (remote code only)
+import torch
+from transformers import AutoModelForImageClassification
+from transformers.dynamic_module_utils import get_imports
+model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+modeling = sys.modules[type(model).__module__]
+assert modeling.triton_gathered_attention is None and "triton" not in get_imports(sys.argv[1] + "/triton_attention.py")
+with torch.no_grad():
+    print(model(torch.zeros(1, 3, 64, 64)).logits.shape)
+"""
+
+
+def test_remote_code_loads_and_runs_without_triton(tmp_path):
+    # a remote-code folder carries the kernels' module (a relative import of modeling_focal), whose Triton import
+    # transformers' loader must not require: where Triton cannot be imported the model loads and runs without it
+    from focal_hf.hub import add_remote_code
+
+    folder = tmp_path / "remote"
+    model = FocalForImageClassification(tiny_config(num_labels=3))
+    model.save_pretrained(folder)
+    add_remote_code(folder, model.config, FocalImageProcessor())
+    assert (folder / "triton_attention.py").is_file()
+    (tmp_path / "no_triton" / "triton").mkdir(parents=True)
+    (tmp_path / "no_triton" / "triton" / "__init__.py").write_text('raise ImportError("no Triton in this test")\n')
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "no_triton"), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TRITON, str(folder)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "torch.Size([1, 3])"

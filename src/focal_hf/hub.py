@@ -189,7 +189,7 @@ classifier("photo.jpg")
     if remote_code:
         usage += f"""
 Without focal-hf: the model code is in this repository, so transformers runs it with `trust_remote_code=True`
-({' and '.join(f'`{requirement}`' for requirement in REQUIREMENTS)}; an older release is named when the code is loaded):
+({" and ".join(f"`{requirement}`" for requirement in REQUIREMENTS)}; an older release is named when the code is loaded):
 
 ```python
 from transformers import pipeline

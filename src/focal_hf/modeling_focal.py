@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.library import custom_op, triton_op
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -39,6 +40,11 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_focal import FocalBlockGeometry, FocalConfig, pooled_window_size
 from .requirements import check_tracing_requirement
 
+try:  # focal_sdpa's kernels on NVIDIA GPUs (Triton comes with PyTorch's CUDA builds); without Triton, SDPA there
+    from .triton_attention import fused_gathered_attention, fused_gathered_attention_backward
+except ImportError:
+    fused_gathered_attention = fused_gathered_attention_backward = None
+
 logger = logging.get_logger(__name__)
 
 # The official code masks across shifted-window regions with -100 (not -inf).
@@ -48,6 +54,10 @@ MASK_VALUE = -100.0
 CPU_CHUNK_BYTES = 8 * 2**20
 # Keys per window are padded (with masked keys) to a multiple of this: attention kernels then run without vector tails.
 KEY_ALIGNMENT = 16
+# Without autograd, focal_sdpa runs its Triton kernels from this many images: below it inference is bound by the host,
+# where a kernel launch through Triton costs more than the operators of the SDPA path (Focal-T on an H200: 0.91-0.92x
+# at batches 1, 8 and 32 with the kernels, 1.49x at 128).
+TRITON_MIN_INFERENCE_BATCH = 128
 # The name of the CPU attention op in the `focal_transformer` namespace (`cpu_gathered_attention`), one per signature.
 CPU_ATTENTION_OP = "cpu_gathered_attention_2"
 
@@ -690,56 +700,82 @@ def _cpu_gathered_attention_backward(
     return grad_query, grad_key, grad_value, grad_bias.to(bias.dtype)
 
 
-def _register_cpu_gathered_attention():
-    """`cpu_gathered_attention(query, key, value, bias, key_index, num_heads, scaling) -> (output, logsumexp)` as a
-    PyTorch custom op with its own backward pass. The forward runs the fused CPU kernel image by image on keys
-    gathered from `key` and `value`; the backward recomputes the gathered keys and attention matrices rather than
-    storing them, and differentiates the bias: the fused CPU kernel gives no bias gradient, so autograd would fall
-    back to the unfused path and keep every attention matrix and gathered key. For `torch.compile` it is one opaque
-    node. Registered once per process (the same code may also be imported as Hub remote code), as
-    `focal_transformer::cpu_gathered_attention_2`: the second signature (separate keys and values), so that a process
-    that also imports older remote code, whose op takes them together under the first name, runs both."""
-    if hasattr(torch.ops.focal_transformer, CPU_ATTENTION_OP):
-        return getattr(torch.ops.focal_transformer, CPU_ATTENTION_OP)
-    forward = torch.library.custom_op(f"focal_transformer::{CPU_ATTENTION_OP}", mutates_args=())(
-        _cpu_gathered_attention
-    )
-    backward = torch.library.custom_op(f"focal_transformer::{CPU_ATTENTION_OP}_backward", mutates_args=())(
-        _cpu_gathered_attention_backward
-    )
+def register_gathered_attention(name: str, forward: Callable, backward: Callable, define: Callable = custom_op):
+    """`forward(query, key, value, bias, key_index, num_heads, scaling) -> (output, logsumexp)`, attention over keys
+    gathered from `key` and `value` by `key_index`, as the PyTorch op `focal_transformer::{name}` (defined by
+    `define`: `torch.library.custom_op`, or `triton_op` for Triton kernels), differentiated by
+    `backward(grad_output, query, key, value, bias, key_index, output, logsumexp, num_heads, scaling) -> (grad_query,
+    grad_key, grad_value, grad_bias)` (registered as `{name}_backward`): the inputs and both outputs are saved for it,
+    the log-sum-exp's gradient is not used. For `torch.compile` the op is one node. Registered once per process (the
+    same code may also be imported as Hub remote code): a name already registered is taken as it is, which is why an
+    op's name changes with its signature."""
+    if hasattr(torch.ops.focal_transformer, name):
+        return getattr(torch.ops.focal_transformer, name)
+    forward_op = define(f"focal_transformer::{name}", mutates_args=())(forward)
+    backward_op = define(f"focal_transformer::{name}_backward", mutates_args=())(backward)
+    if define is custom_op:  # (a `triton_op` is traced through its Python for shapes)
 
-    @forward.register_fake
-    def _(query, key, value, bias, key_index, num_heads, scaling):
-        shape = (query.shape[0], bias.shape[0], num_heads, bias.shape[2])
-        return torch.empty_like(query), query.new_empty(shape, dtype=torch.float32)
+        @forward_op.register_fake
+        def _(query, key, value, bias, key_index, num_heads, scaling):
+            shape = (query.shape[0], bias.shape[0], num_heads, bias.shape[2])
+            return torch.empty_like(query), query.new_empty(shape, dtype=torch.float32)
 
-    @backward.register_fake
-    def _(grad_output, query, key, value, bias, key_index, output, logsumexp, num_heads, scaling):
-        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), torch.empty_like(bias)
-
-    register_gathered_attention_backward(forward, backward)
-    return getattr(torch.ops.focal_transformer, CPU_ATTENTION_OP)
-
-
-def register_gathered_attention_backward(forward, backward) -> None:
-    """Differentiate a custom op of attention over gathered keys, `forward(query, key, value, bias, key_index,
-    num_heads, scaling) -> (output, logsumexp)`, by its backward op, `backward(grad_output, query, key, value, bias,
-    key_index, output, logsumexp, num_heads, scaling) -> (grad_query, grad_key, grad_value, grad_bias)`: the inputs
-    and both outputs are saved for it, the log-sum-exp's gradient is not used (`cpu_gathered_attention`; also
-    `benchmarks/triton_attention.py`)."""
+        @backward_op.register_fake
+        def _(grad_output, query, key, value, bias, key_index, output, logsumexp, num_heads, scaling):
+            return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), torch.empty_like(bias)
 
     def setup_context(ctx, inputs, output):
         query, key, value, bias, key_index, ctx.num_heads, ctx.scaling = inputs
         ctx.save_for_backward(query, key, value, bias, key_index, *output)
 
     def differentiate(ctx, grad_output, grad_logsumexp):
-        grads = backward(grad_output, *ctx.saved_tensors, ctx.num_heads, ctx.scaling)
+        grads = backward_op(grad_output, *ctx.saved_tensors, ctx.num_heads, ctx.scaling)
         return *grads, None, None, None
 
-    forward.register_autograd(differentiate, setup_context=setup_context)
+    forward_op.register_autograd(differentiate, setup_context=setup_context)
+    return getattr(torch.ops.focal_transformer, name)
 
 
-cpu_gathered_attention = _register_cpu_gathered_attention()
+# `cpu_gathered_attention(query, key, value, bias, key_index, num_heads, scaling) -> (output, logsumexp)`: the fused
+# CPU kernel image by image on keys gathered from `key` and `value`; its backward pass recomputes the gathered keys
+# and attention matrices rather than storing them, and differentiates the bias (the fused CPU kernel gives no bias
+# gradient, so autograd would fall back to the unfused path and keep every attention matrix and gathered key). Its
+# name is the second signature's (separate keys and values), so that a process that also imports older remote code,
+# whose op takes them together under the first name, runs both.
+cpu_gathered_attention = register_gathered_attention(
+    CPU_ATTENTION_OP, _cpu_gathered_attention, _cpu_gathered_attention_backward
+)
+# The same attention on NVIDIA GPUs: fused Triton kernels (`triton_attention`), where Triton is installed
+triton_gathered_attention = (
+    None
+    if fused_gathered_attention is None
+    else register_gathered_attention(
+        "triton_gathered_attention", fused_gathered_attention, fused_gathered_attention_backward, triton_op
+    )
+)
+
+
+def runs_triton_kernels(query: torch.Tensor, dropout: float) -> bool:
+    """Whether `focal_sdpa` runs `triton_gathered_attention` for these queries: on an NVIDIA GPU of compute
+    capability 8.0 or more (Ampere and later: what Triton supports), in bf16 or fp16 (as under autocast), without
+    attention dropout, in eager mode (not while `torch.compile` or `torch.export` traces the model: exported
+    programs hold only standard operators, and compiled ones failed a GPU test with the kernels, not yet explained),
+    where Triton is installed; with autograd (training), or without it from `TRITON_MIN_INFERENCE_BATCH` images."""
+    return (
+        triton_gathered_attention is not None
+        and query.is_cuda
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and dropout == 0.0
+        and not (torch.compiler.is_compiling() or is_exporting())
+        and (torch.is_grad_enabled() or query.shape[0] >= TRITON_MIN_INFERENCE_BATCH)
+        and triton_supports(query.device.index)
+    )
+
+
+def triton_supports(device_index: int | None) -> bool:
+    """Whether the kernels run on this CUDA device (the current one for `None`): an NVIDIA GPU (not ROCm's) of compute
+    capability 8.0 or more."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
 def focal_sdpa_attention(
@@ -762,11 +798,15 @@ def focal_sdpa_attention(
     `(batch_size, num_windows * window_area, dim)` and `None`.
 
     On CPU it runs `cpu_gathered_attention` (PyTorch's fused CPU kernel image by image, and a backward pass that
-    recomputes the gathered keys and gives the bias gradient, so training keeps no attention matrix); elsewhere, and
-    while `torch.export` traces the model (so that exported programs hold only standard operators), one
-    `torch.nn.functional.scaled_dot_product_attention` call with the windows folded into the head dimension.
+    recomputes the gathered keys and gives the bias gradient, so training keeps no attention matrix); on NVIDIA GPUs
+    in bf16 and fp16 (`runs_triton_kernels`) `triton_gathered_attention` (fused Triton kernels: nothing gathered or
+    materialised, one bias gradient summed over the batch); elsewhere, and while `torch.export` traces the model (so
+    that exported programs hold only standard operators), one `torch.nn.functional.scaled_dot_product_attention`
+    call with the windows folded into the head dimension (`folded_sdpa_attention`).
     """
     num_heads = attention_mask.shape[1]
+    if runs_triton_kernels(query, dropout):
+        return triton_gathered_attention(query, key, value, attention_mask, key_index, num_heads, scaling)[0], None
     if query.device.type == "cpu" and dropout == 0.0 and not is_exporting():
         return cpu_gathered_attention(query, key, value, attention_mask, key_index, num_heads, scaling)[0], None
     return folded_sdpa_attention(query, key, value, key_index, attention_mask, scaling, dropout), None

@@ -1,45 +1,40 @@
-"""A candidate for the GPU path of `focal_sdpa`: attention over gathered keys as two fused Triton kernels, to be
-measured on a GPU against the folded SDPA call before it replaces anything (`ablation.py --attention focal_triton`,
-which `gpu_check.sh` runs).
-
-Importing this module registers `attn_implementation="focal_triton"` with transformers' `AttentionInterface`. It
-takes what `focal_sdpa` takes (the keys' and values' sources, the key index and the per-window bias) and computes
-the same attention in one kernel per direction, with nothing materialised in between:
+# Copyright 2026 The focal-hf authors. Licensed under the Apache License, Version 2.0.
+"""The GPU path of `focal_sdpa`: attention over gathered keys as two fused Triton kernels, which
+`modeling_focal.register_gathered_attention` makes the op `focal_transformer::triton_gathered_attention` with its
+backward pass (`focal_sdpa_attention` runs it on NVIDIA GPUs from compute capability 8.0 in bf16 and fp16, where
+Triton is installed; PyTorch's CUDA builds ship it). It takes what the CPU op takes (the keys' and values' sources,
+the key index and the per-window bias) and computes the same attention in one kernel per direction, with nothing
+materialised in between:
 
 - forward, a program per (window, head, block of 64 queries, image): the queries, the window's keys and values read
   row by row from the sources through the key index (no gathered copy) block by block with the bias tile, the
   softmax in float32 in registers (rescaled block by block, as flash attention), the output written in the queries'
-  own layout `(batch_size, num_windows * window_area, dim)` (no folding copy) with its log-sum-exp;
+  layout `(batch_size, num_windows * window_area, dim)` (no folding copy) with its log-sum-exp;
 - backward, a program per (window, head, block of queries, block of keys, group of images): the attention matrix
   recomputed from the log-sum-exp, the gradients of queries, keys and values added into the queries' and the
   sources' rows (float32 atomic adds: no gathered gradient and no `index_add_`), the bias gradient summed over the
   group's images in registers and added once (no per-image bias gradient).
 
 Key blocks, warps and images per backward program are chosen on the GPU by `triton.autotune` at the first call for
-each block shape (`tuned_configs()` says which). Dropout and `torch.export` fall back to `focal_sdpa`. On CPU it runs
-only under Triton's interpreter (`TRITON_INTERPRET=1`, as `tests/test_triton_attention.py` checks it against eager
-attention and the CPU op), with fixed configurations; elsewhere on CPU it falls back to `focal_sdpa` too. On the meta
-device the op's fake implementation gives the shapes of its outputs (`gpu_memory.py --attention focal_triton`
-estimates the memory and bytes of a training step with it).
+each block shape (`tuned_configs()` says which). Under Triton's interpreter (`TRITON_INTERPRET=1`, on the CPU: how the
+tests run them) the kernels take fixed configurations. `benchmarks/triton_registers.py` compiles them for a GPU
+without one and reports their registers and spills.
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
 import os
-import re
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
-import triton
-import triton.language as tl
-from torch.library import triton_op, wrap_triton
-from transformers import AttentionInterface
 
-from focal_hf.modeling_focal import focal_sdpa_attention, is_exporting, register_gathered_attention_backward
+# (in a `try`, which transformers' remote-code loader reads as an optional import: a remote-code folder then loads
+# where Triton is not installed, and modeling_focal does without this module)
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import wrap_triton
+except ImportError as error:
+    raise ImportError(f"focal_sdpa's GPU kernels need Triton ({error})") from error
 
 QUERY_BLOCK = 64  # queries per program (a window of 7 in one block)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # (as Triton decided when this module's kernels were made)
@@ -284,8 +279,7 @@ def _launch_arguments(query, key, bias, key_index, num_heads: int):
     return num_windows * num_heads * num_query_blocks, (*key_index.stride(), num_heads, key.shape[1]), constants
 
 
-@triton_op("focal_transformer::triton_gathered_attention", mutates_args=())
-def triton_gathered_attention(
+def fused_gathered_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -309,8 +303,7 @@ def triton_gathered_attention(
     return output, logsumexp
 
 
-@triton_op("focal_transformer::triton_gathered_attention_backward", mutates_args=())
-def triton_gathered_attention_backward(
+def fused_gathered_attention_backward(
     grad_output: torch.Tensor,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -355,108 +348,3 @@ def triton_gathered_attention_backward(
     )
     grads = (grad_query, grad_key, grad_value, grad_bias)
     return tuple(grad.to(tensor.dtype) for grad, tensor in zip(grads, (query, key, value, bias), strict=True))
-
-
-register_gathered_attention_backward(triton_gathered_attention, triton_gathered_attention_backward)
-
-
-def focal_triton_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_index: torch.Tensor,
-    attention_mask: torch.Tensor,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """`attn_implementation="focal_triton"`: `focal_sdpa_attention`'s inputs and output, computed by
-    `triton_gathered_attention` on CUDA (and the meta device, and in Triton's interpreter) without dropout outside
-    `torch.export`, else by `focal_sdpa_attention`."""
-    runs_here = query.is_cuda or query.is_meta or INTERPRETED
-    if runs_here and dropout == 0.0 and not is_exporting():
-        num_heads = attention_mask.shape[1]
-        return triton_gathered_attention(query, key, value, attention_mask, key_index, num_heads, scaling)[0], None
-    return focal_sdpa_attention(module, query, key, value, key_index, attention_mask, scaling, dropout, **kwargs)
-
-
-focal_triton_attention.gathers_keys = True
-AttentionInterface.register("focal_triton", focal_triton_attention)
-
-LOW_PRECISION = {"query_ptr", "key_ptr", "value_ptr", "bias_ptr", "output_ptr", "grad_output_ptr"}  # (else float32)
-
-
-def compile_for_gpu(
-    capability: int, dtype: torch.dtype, window_area: int, num_keys: int, num_heads: int, head_dim: int
-):
-    """Both kernels compiled in every launch configuration for a CUDA GPU of compute capability `capability` (e.g. 90:
-    H100, H200), without one: Triton compiles for any target it is told of. Yields (kernel name, configuration,
-    compiled kernel)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if INTERPRETED:
-        raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1): unset it to compile them")
-    meta = functools.partial(torch.empty, device="meta")
-    query, bias = meta(1, window_area, num_heads * head_dim, dtype=dtype), meta(1, num_heads, window_area, num_keys)
-    _, _, constants = _launch_arguments(query, query, bias, meta(1, num_keys, dtype=torch.int64), num_heads)
-    element = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    for name, kernel, configs in (
-        ("forward", _gathered_attention_forward, FORWARD_CONFIGS),
-        ("backward", _gathered_attention_backward, BACKWARD_CONFIGS),
-    ):
-        signature = {argument: _argument_type(argument, element) for argument in kernel.arg_names}
-        signature.update(dict.fromkeys([*constants, *configs[0].kwargs], "constexpr"))
-        for config in configs:
-            values = {**constants, **config.kwargs}
-            constexprs = {(kernel.arg_names.index(argument),): value for argument, value in values.items()}
-            options = {"num_warps": config.num_warps}
-            target = GPUTarget("cuda", capability, 32)
-            yield name, config, triton.compile(ASTSource(kernel, signature, constexprs), target=target, options=options)
-
-
-def _argument_type(argument: str, element: str) -> str:
-    """A kernel argument's Triton type (the kernels' scalars: float32 `scaling`, int32 sizes)."""
-    if argument.endswith("_ptr"):
-        return f"*{element}" if argument in LOW_PRECISION else "*i64" if argument == "key_index_ptr" else "*fp32"
-    return "fp32" if argument == "scaling" else "i32"
-
-
-def resource_usage(compiled) -> tuple[int, int]:
-    """Registers per thread and bytes spilled to local memory per thread of a compiled CUDA kernel (by the
-    `cuobjdump` that Triton ships)."""
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.TemporaryDirectory() as folder:
-        cubin = Path(folder) / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        report = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
-    registers, stack = re.search(r"REG:(\d+) STACK:(\d+)", report).groups()
-    return int(registers), int(stack)
-
-
-def main():
-    parser = argparse.ArgumentParser(
-        description="Compile the focal_triton kernels in every launch configuration for a CUDA GPU, without one, and "
-        "print each one's registers and spills per thread (defaults: Focal-T's first stage)."
-    )
-    parser.add_argument("--capability", type=int, default=90, help="CUDA compute capability, e.g. 80, 90 (default)")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--window-area", type=int, default=49)
-    parser.add_argument("--keys", type=int, default=224)
-    parser.add_argument("--heads", type=int, default=3)
-    parser.add_argument("--head-dim", type=int, default=32)
-    args = parser.parse_args()
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    shape = (args.window_area, args.keys, args.heads, args.head_dim)
-    print(
-        f"sm_{args.capability}, {args.dtype}, {args.window_area} queries, {args.keys} keys, {args.heads} heads of "
-        f"{args.head_dim}"
-    )
-    for name, config, compiled in compile_for_gpu(args.capability, dtype, *shape):
-        registers, stack = resource_usage(compiled)
-        print(f"{name} | {describe(config)} | {registers} registers | {stack} bytes spilled", flush=True)
-
-
-if __name__ == "__main__":
-    main()
