@@ -138,6 +138,15 @@ def test_model_equals_eager_with_shift(triton_attention, monkeypatch, attention_
     assert len(calls) == 7  # every block ran the kernels
 
 
+def test_gradient_checkpointing_runs_the_kernels_again(triton_attention, monkeypatch):
+    # checkpointed blocks run the forward kernel again in the backward pass, with the same gradients
+    kernel, calls = modeling_focal.triton_gathered_attention, []
+    monkeypatch.setattr(modeling_focal, "runs_triton_kernels", runs_everywhere)
+    monkeypatch.setattr(modeling_focal, "triton_gathered_attention", lambda *args: calls.append(1) or kernel(*args))
+    assert_equals_eager_with_shift("focal", "focal_sdpa", (64, 64), torch.float32, checkpointing=True)
+    assert len(calls) == 2 * 7
+
+
 def test_kernels_compile_for_a_gpu(triton_attention):
     # what the interpreter does not check: the kernels compiled for an H100/H200 (sm_90) in every launch
     # configuration that triton.autotune tries there, by Triton's own compiler, without a GPU (a window of 12: several
