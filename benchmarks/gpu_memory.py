@@ -168,24 +168,18 @@ def training_step_traffic(model: torch.nn.Module, batch_size: int, image_size: i
     return traffic.bytes
 
 
-def runs_triton_kernels_as_on_a_gpu(query: torch.Tensor, dropout: float) -> bool:
-    """`modeling_focal.runs_triton_kernels` as on an NVIDIA GPU from Ampere, for the meta device's queries."""
-    low_precision = query.dtype in (torch.bfloat16, torch.float16)
-    return modeling_focal.triton_gathered_attention is not None and low_precision and dropout == 0.0
-
-
 def estimate(name: str, batch_size: int, image_size: int, without: tuple[str, ...] = (), measure=training_step_peak):
     """`measure` (`training_step_peak` or `training_step_traffic`) of a `benchmark.py` model (Focal models without the
     mechanisms named in `without`) on the meta device, SDPA and focal_sdpa as on a CUDA GPU."""
     with torch.device("meta"):
         model = build_model(name, image_size, without=without)
-    sdpa, runs_triton_kernels = F.scaled_dot_product_attention, modeling_focal.runs_triton_kernels
+    sdpa, triton_runs_on = F.scaled_dot_product_attention, modeling_focal.triton_runs_on
     F.scaled_dot_product_attention = memory_efficient_sdpa
-    modeling_focal.runs_triton_kernels = runs_triton_kernels_as_on_a_gpu
+    modeling_focal.triton_runs_on = lambda tensor: tensor.is_meta  # (the meta device as an NVIDIA GPU from Ampere)
     try:
         return measure(model, batch_size, image_size)
     finally:
-        F.scaled_dot_product_attention, modeling_focal.runs_triton_kernels = sdpa, runs_triton_kernels
+        F.scaled_dot_product_attention, modeling_focal.triton_runs_on = sdpa, triton_runs_on
 
 
 def main():

@@ -763,19 +763,17 @@ def runs_triton_kernels(query: torch.Tensor, dropout: float) -> bool:
     where Triton is installed; with autograd (training), or without it from `TRITON_MIN_INFERENCE_BATCH` images."""
     return (
         triton_gathered_attention is not None
-        and query.is_cuda
         and query.dtype in (torch.bfloat16, torch.float16)
         and dropout == 0.0
         and not (torch.compiler.is_compiling() or is_exporting())
         and (torch.is_grad_enabled() or query.shape[0] >= TRITON_MIN_INFERENCE_BATCH)
-        and triton_supports(query.device.index)
+        and triton_runs_on(query)
     )
 
 
-def triton_supports(device_index: int | None) -> bool:
-    """Whether the kernels run on this CUDA device (the current one for `None`): an NVIDIA GPU (not ROCm's) of compute
-    capability 8.0 or more."""
-    return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (8, 0)
+def triton_runs_on(tensor: torch.Tensor) -> bool:
+    """Whether the kernels run on `tensor`'s device: an NVIDIA GPU (not ROCm's) of compute capability 8.0 or more."""
+    return tensor.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(tensor.device) >= (8, 0)
 
 
 def focal_sdpa_attention(
