@@ -1,68 +1,140 @@
-"""Where a bf16 training step of Focal-T goes on a GPU: the top CUDA kernels of one step (torch.profiler), beside
-transformers' Swin-T. `python benchmarks/profile_gpu.py [--batch-size 64] [--image-size 224] [--without NAME ...]`
-(`--without`: the Focal models without these mechanisms, benchmark.py's names)."""
+"""Where a bf16 training step of Focal-T goes on a GPU, beside transformers' Swin-T:
+
+1. the host's time to issue each phase of the step (forward, backward, optimizer) against the step's time: when the
+   two are close, the GPU waits for the host, and fewer operators or cheaper Python, not faster kernels, make the step
+   faster;
+2. the host's time by function (cProfile, self time, one step): Python functions, and torch's operators as the
+   built-in methods that call them; the backward pass runs on the calling thread here, so that the Python it calls
+   back (custom ops' backward, the Triton launches) shows too;
+3. the top CUDA kernels (torch.profiler).
+
+    python benchmarks/profile_gpu.py [--batch-size 64] [--image-size 224] [--without NAME ...] [--rows 25]
+
+`--without`: the Focal models without these mechanisms (benchmark.py's names). `--device cpu` runs the same on the
+CPU, where host and device are one (to try the script without a GPU; table 3 then lists operators by CPU time)."""
 
 import argparse
+import cProfile
+import pstats
+import statistics
 import time
+from pathlib import Path
 
 import torch
-from benchmark import MECHANISMS, REFERENCE, build_model
+from benchmark import MECHANISMS, REFERENCE, build_model, require_cuda
 from torch.profiler import ProfilerActivity, profile
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["swin-tiny", "focal-tiny"])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--rows", type=int, default=25, help="rows of the function and kernel tables")
     parser.add_argument("--without", nargs="+", default=[], choices=sorted(MECHANISMS))
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("profile_gpu.py: needs a CUDA GPU")
+    if args.device == "cuda":
+        require_cuda("profile_gpu.py")
     for name in args.models:
         without = tuple(args.without) if name != REFERENCE else ()
         model = build_model(name, args.image_size, without=without)
         print(
             f"\n=== {name}{' without ' + ', '.join(without) if without else ''}, batch {args.batch_size}, "
-            f"{args.image_size} px, bf16 autocast training step"
+            f"{args.image_size} px, bf16 autocast training step, {args.device}"
         )
-        print(profile_step(model, args.batch_size, args.image_size, args.rows))
-        torch.cuda.empty_cache()
+        phases = training_phases(model, args.batch_size, args.image_size, args.device)
+        for _ in range(3):  # warm-up (Triton's tuning, the caching allocator, the optimizer's state)
+            run(phases)
+        print(phase_table(phases, args.device))
+        print(host_functions(phases, args.rows))
+        print(device_operators(phases, args.device, args.rows))
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
 
 
-def profile_step(model, batch_size: int, image_size: int, rows: int) -> str:
-    """The profiler's table of one training step after three warm-up steps, by CUDA time."""
-    model = model.cuda().train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    pixel_values = torch.randn(batch_size, 3, image_size, image_size, device="cuda")
-    labels = torch.randint(0, 1000, (batch_size,), device="cuda")
+def training_phases(model, batch_size: int, image_size: int, device: str) -> dict:
+    """The phases of one bf16-autocast training step of `model` on random images (`device`), in order, as
+    functions: forward, backward, optimizer (AdamW, fused off the CPU)."""
+    model = model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device != "cpu")
+    pixel_values = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    labels = torch.randint(0, 1000, (batch_size,), device=device)
+    losses = []
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(pixel_values, labels=labels).loss
-        loss.backward()
+    def forward():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            losses.append(model(pixel_values, labels=labels).loss)
+
+    def backward():
+        losses.pop().backward()
+
+    def update():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    # the step's time without the profiler, and the time the host takes to issue it: when the two are close, the GPU
-    # waits for the host (then fewer operators, not faster kernels, make the step faster)
-    start = time.perf_counter()
-    step()
-    issued = time.perf_counter() - start
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        step()
+    return {"forward": forward, "backward": backward, "optimizer": update}
+
+
+def run(phases: dict) -> None:
+    for phase in phases.values():
+        phase()
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+
+
+def phase_table(phases: dict, device: str, steps: int = 5) -> str:
+    """The median over `steps` steps of each phase's time on the host (until the call returns: for a GPU, the time
+    to issue its work) and of the step's time until the device has finished, in ms."""
+    issued = {name: [] for name in phases}
+    totals = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        for name, phase in phases.items():
+            begin = time.perf_counter()
+            phase()
+            issued[name].append(time.perf_counter() - begin)
+        synchronize(device)
+        totals.append(time.perf_counter() - start)
+    cells = [f"{name} {statistics.median(times) * 1e3:.1f}" for name, times in issued.items()]
+    host = sum(statistics.median(times) for times in issued.values())
     return (
-        f"step {elapsed * 1e3:.1f} ms without the profiler, issued by the host in {issued * 1e3:.1f} ms (the GPU's "
-        f"kernels: 'Self CUDA time total' below)\n{table}"
+        f"step {statistics.median(totals) * 1e3:.1f} ms; on the host (ms, median of {steps}): {', '.join(cells)}, "
+        f"together {host * 1e3:.1f}"
     )
+
+
+def host_functions(phases: dict, rows: int) -> str:
+    """The `rows` functions with the most self time on the host in one step (cProfile), the backward pass on the
+    calling thread (not the autograd engine's device threads, which cProfile does not see)."""
+    profiler = cProfile.Profile()
+    with torch.autograd.set_multithreading_enabled(False):
+        profiler.enable()
+        run(phases)
+        profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, function) -> (primitive calls, calls, self, cumulative, ...)
+    total = sum(entry[2] for entry in stats.values())
+    lines = [f"host time by function (cProfile, {total * 1e3:.1f} ms in all; self ms, calls, function):"]
+    for (file, line, function), (_, calls, self_time, _, _) in sorted(
+        stats.items(), key=lambda item: item[1][2], reverse=True
+    )[:rows]:
+        where = function if file == "~" else f"{function} ({Path(file).name}:{line})"
+        lines.append(f"{self_time * 1e3:9.2f} {calls:6d}  {where}")
+    return "\n".join(lines)
+
+
+def device_operators(phases: dict, device: str, rows: int) -> str:
+    """The profiler's table of one step: the top CUDA kernels by CUDA time (on the CPU: operators by CPU time)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run(phases)
+        synchronize(device)
+    key = "cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
 
 
 if __name__ == "__main__":

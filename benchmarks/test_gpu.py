@@ -7,7 +7,8 @@ checks them in Triton's interpreter) in bf16 and fp16, and elsewhere (fp32, drop
 batch (`--without triton-kernels` forces it here). Both must give the eager path's values and gradients: the folded
 call also through the memory-efficient kernel (the one that takes an additive bias and differentiates it), in fp32
 and bf16, and under `torch.compile`; the kernels in bf16 and fp16 training steps, in inference from
-`TRITON_MIN_INFERENCE_BATCH` images, and at Focal-T's size (its 224 keys in several blocks).
+`TRITON_MIN_INFERENCE_BATCH` images, at Focal-T's size (its 224 keys in several blocks), and traced by
+`torch.compile` (which focal_sdpa does not do yet: `runs_triton_kernels`).
 """
 
 import os
@@ -162,9 +163,14 @@ def test_inference_takes_the_kernels_from_a_large_batch(kernel_calls):
     torch.testing.assert_close(small.float(), logits[: least - 1].float(), atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("kernels", [False, True])
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_compiled_training_step_equals_eager(dynamic, kernel_calls):
-    # compiled for one size, and for any size (two sizes, one graph); with the folded SDPA call, not the kernels
+def test_compiled_training_step_equals_eager(dynamic, kernels, kernel_calls, monkeypatch):
+    # compiled for one size, and for any size (two sizes, one graph); with the folded SDPA call (what focal_sdpa runs
+    # under torch.compile), and with the Triton kernels traced (not yet focal_sdpa's choice: this case failed on an
+    # H200 in November 2026, the cause not yet seen)
+    if kernels:
+        monkeypatch.setattr(modeling_focal, "runs_triton_kernels", runs_everywhere)
     eager, fused = _pair("focal")
     compiled = torch.compile(fused, fullgraph=True, dynamic=dynamic)
     for size in [(96, 96), (128, 96)] if dynamic else [(96, 96)]:
@@ -177,7 +183,7 @@ def test_compiled_training_step_equals_eager(dynamic, kernel_calls):
         flat = torch.cat([grads[name].float().flatten() for name in reference])
         flat_reference = torch.cat([grad.flatten() for grad in reference.values()])
         assert torch.nn.functional.cosine_similarity(flat, flat_reference, dim=0) > 0.99
-    assert not kernel_calls
+    assert bool(kernel_calls) == kernels
 
 
 def test_training_keeps_no_gathered_keys_on_gpu(monkeypatch):

@@ -403,3 +403,27 @@ def test_gather_kernels_on_cuda_without_a_gpu_is_refused_in_one_line():
     result = run_script(script="gather_kernels.py", CUDA_VISIBLE_DEVICES="")
     assert result.returncode != 0 and result.stdout == ""
     assert result.stderr.strip().count("\n") == 0 and "--device cuda, but torch" in result.stderr
+
+
+def test_profile_run_end_to_end():
+    # the profile of a training step, on the CPU (`--device cpu`): the phases' host times, the host's time by function
+    # (Python functions of the model and torch's operators, the backward pass's included) and the profiler's table
+    args = ["--device", "cpu", "--models", "focal-tiny", "--batch-size", "1", "--image-size", "96", "--rows", "60"]
+    result = run_script(*args, script="profile_gpu.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[1] == "=== focal-tiny, batch 1, 96 px, bf16 autocast training step, cpu"
+    step, phases = lines[2].split("; on the host (ms, median of 5): ")
+    assert float(step.removeprefix("step ").removesuffix(" ms")) > 0
+    times = dict(phase.rsplit(" ", 1) for phase in phases.split(", "))
+    assert list(times) == ["forward", "backward", "optimizer", "together"]
+    assert all(float(value) > 0 for value in times.values())
+    assert lines[3].startswith("host time by function (cProfile, ")
+    functions = lines[4:64]
+    assert all(len(line.split(maxsplit=2)) == 3 and float(line.split()[0]) >= 0 for line in functions)
+    names = " ".join(functions)
+    assert "run_backward" in names and "_cpu_gathered_attention_backward (modeling_focal.py:" in names
+    assert "focal_transformer::cpu_gathered_attention_2_backward" in result.stdout  # (the profiler's table)
+    result = run_script("--models", "focal-tiny", script="profile_gpu.py", CUDA_VISIBLE_DEVICES="")
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0 and "--device cuda, but torch" in result.stderr
