@@ -115,16 +115,16 @@ def turn_off(model, without: tuple[str, ...]):
 
     if "cpu-attention-op" in without:
         model.set_attn_implementation("sdpa")  # (which keeps the gathered keys too)
-    elif "regathered-keys" in without:
+    elif "regathered-keys" in without or "triton-kernels" in without:
         from transformers import AttentionInterface
 
-        AttentionInterface.register("focal_sdpa_keeping_keys", focal_sdpa_keeping_keys)
-        model.set_attn_implementation("focal_sdpa_keeping_keys")
-    elif "triton-kernels" in without:
-        from transformers import AttentionInterface
-
-        AttentionInterface.register("focal_sdpa_without_triton", focal_sdpa_without_triton)
-        model.set_attn_implementation("focal_sdpa_without_triton")
+        name, attention = (
+            ("focal_sdpa_keeping_keys", folded_sdpa_keeping_keys)
+            if "regathered-keys" in without
+            else ("focal_sdpa_without_triton", modeling_focal.folded_sdpa_attention)
+        )
+        AttentionInterface.register(name, focal_sdpa_off_the_cpu(attention))
+        model.set_attn_implementation(name)
     for module in model.modules():
         if "cpu-chunking" in without and isinstance(module, modeling_focal.FocalLayer):
             module.forward = module.block  # (the chunking lives in `forward`)
@@ -133,38 +133,34 @@ def turn_off(model, without: tuple[str, ...]):
     return model
 
 
-def focal_sdpa_keeping_keys(module, query, key, value, key_index, attention_mask, scaling, dropout=0.0, **kwargs):
-    """`focal_sdpa` that keeps the gathered keys and values for the backward pass off the CPU, as before they were
-    gathered again (`--without regathered-keys`)."""
+def focal_sdpa_off_the_cpu(attention):
+    """`focal_sdpa` with `attention(query, key, value, key_index, bias, scaling, dropout) -> output` in place of its
+    path off the CPU: `--without regathered-keys` (`folded_sdpa_keeping_keys`) and `--without triton-kernels`
+    (always `modeling_focal.folded_sdpa_attention`)."""
+    from focal_hf import modeling_focal
+
+    def focal_sdpa(module, query, key, value, key_index, attention_mask, scaling, dropout=0.0, **kwargs):
+        if query.device.type == "cpu":
+            return modeling_focal.focal_sdpa_attention(
+                module, query, key, value, key_index, attention_mask, scaling, dropout, **kwargs
+            )
+        return attention(query, key, value, key_index, attention_mask, scaling, dropout), None
+
+    focal_sdpa.gathers_keys = True
+    return focal_sdpa
+
+
+def folded_sdpa_keeping_keys(query, key, value, key_index, bias, scaling, dropout):
+    """SDPA on the folded windows that keeps the gathered keys and values for the backward pass, as focal_sdpa did
+    before it gathered them again."""
     import torch.nn.functional as F
 
     from focal_hf import modeling_focal
 
-    if query.device.type == "cpu":
-        return modeling_focal.focal_sdpa_attention(
-            module, query, key, value, key_index, attention_mask, scaling, dropout, **kwargs
-        )
-    query, key, value, bias = modeling_focal.fold_windows(query, key, value, key_index, attention_mask)
+    num_heads = bias.shape[1]
+    query, key, value, bias = modeling_focal.fold_windows(query, key, value, key_index, bias)
     output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
-    return modeling_focal.unfold_windows(output.transpose(1, 2), attention_mask.shape[1]), None
-
-
-focal_sdpa_keeping_keys.gathers_keys = True
-
-
-def focal_sdpa_without_triton(module, query, key, value, key_index, attention_mask, scaling, dropout=0.0, **kwargs):
-    """`focal_sdpa` without its Triton kernels: off the CPU always torch SDPA on the folded windows (`--without
-    triton-kernels`)."""
-    from focal_hf import modeling_focal
-
-    if query.device.type == "cpu":
-        return modeling_focal.focal_sdpa_attention(
-            module, query, key, value, key_index, attention_mask, scaling, dropout, **kwargs
-        )
-    return modeling_focal.folded_sdpa_attention(query, key, value, key_index, attention_mask, scaling, dropout), None
-
-
-focal_sdpa_without_triton.gathers_keys = True
+    return modeling_focal.unfold_windows(output.transpose(1, 2), num_heads)
 
 
 def _uncached_attention_bias(self, layout, dtype):

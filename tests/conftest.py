@@ -47,6 +47,13 @@ def import_script(name: str):
         sys.path.remove(str(BENCHMARKS))
 
 
+def environment_with_path(*folders: Path, **variables: str) -> dict[str, str]:
+    """This process's environment for a subprocess whose imports find `folders` first (on `PYTHONPATH`, before what
+    it held), with `variables` set."""
+    paths = [str(folder) for folder in folders] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **variables}
+
+
 def pip_target(requirement: str, dependencies: bool = False) -> Path:
     """A folder holding `requirement` (`name==version`) installed by pip, without its dependencies unless
     `dependencies`, for a subprocess's `PYTHONPATH`: for a package the test environment does not install, because

@@ -2,13 +2,12 @@
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import BENCHMARKS, import_script
+from conftest import BENCHMARKS, environment_with_path, import_script
 
 SCRIPT = BENCHMARKS / "benchmark.py"
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -18,13 +17,12 @@ def run_script(*args, script: str = SCRIPT.name, **env):
     """Run one of the benchmark scripts (by default benchmark.py) on this checkout's `src`, offline, as a user runs it:
     Triton compiles rather than interprets (gpu_memory.py traces the Triton kernels' op on the meta device; the
     interpreter would run them)."""
-    pythonpath = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, str(SCRIPT.parent / script), *args],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "0", **env},
+        env=environment_with_path(SRC, HF_HUB_OFFLINE="1", TRITON_INTERPRET="0", **env),
     )
 
 

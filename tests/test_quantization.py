@@ -6,23 +6,21 @@ is installed, and on a CPU build of torch that import logs warnings (its CUDA li
 precede every script's output and error message. `conftest.pip_target` installs the pinned version once, without
 dependencies, into the test cache."""
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import pip_target
+from conftest import environment_with_path, pip_target
 
 TORCHAO = "torchao==0.18.0"
 TESTS = Path(__file__).parent
 
 
 def test_torchao_quantization_checks_pass():
-    paths = [str(pip_target(TORCHAO))] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TESTS / "torchao_checks.py")],
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
+        env=environment_with_path(pip_target(TORCHAO)),
         capture_output=True,
         text=True,
         cwd=TESTS.parent,

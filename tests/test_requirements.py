@@ -6,14 +6,13 @@ install, not with an error inside transformers."""
 
 import configparser
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import pip_target, tiny_config
+from conftest import environment_with_path, pip_target, tiny_config
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -28,8 +27,7 @@ TRANSFORMERS_V4 = "4.57.6"
 
 def run_with(site: Path, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """`python *args` in a subprocess whose imports find the packages in `site` before the installed ones."""
-    paths = [str(site)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "HF_HUB_OFFLINE": "1"}
+    env = environment_with_path(site, HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=1200)
 
 
