@@ -5,22 +5,23 @@
 # 1. prints the machine's torch / CUDA / Triton / transformers, installs this project (editable, no dependencies:
 #    torch and transformers stay the machine's; a transformers wheel carried in .whl/ is installed first if there is
 #    one: the lent machines' image has transformers 5.17, below focal_hf's floor),
-# 2. runs the GPU correctness tests, benchmarks/test_gpu.py: first all but the torch.compile ones (at most 150 s;
-#    stopping at the first failure, whose traceback then shows even if what follows runs out of time), then the
-#    torch.compile ones (at most 150 s, among them the Triton kernels traced by torch.compile, which failed once),
-# 3. what focal_sdpa's Triton kernels are worth: Focal-T's training step (batch 64) and inference (batch 128, where it
+# 2. runs the GPU correctness tests but the torch.compile ones, benchmarks/test_gpu.py (at most 150 s; stopping at the
+#    first failure, whose traceback then shows even if what follows runs out of time),
+# 3. profiles one bf16 training step of Swin-T and of Focal-T (whether the host or the GPU sets its pace, phase by
+#    phase; the host's time by function; the top CUDA kernels: benchmarks/profile_gpu.py),
+# 4. what focal_sdpa's Triton kernels are worth: Focal-T's training step (batch 64) and inference (batch 128, where it
 #    takes them) with them and without them (SDPA on the folded windows), benchmarks/ablation.py --without
 #    triton-kernels, speed interleaved in one process, and peak memory; then the launch configurations
 #    triton.autotune chose,
-# 4. profiles one bf16 training step of Swin-T and of Focal-T (whether the host or the GPU sets its pace, phase by
-#    phase; the host's time by function; the top CUDA kernels: benchmarks/profile_gpu.py),
-# 5. compares Focal-T's training step and inference with those of another version of the package, if one is
+# 5. runs the torch.compile tests of benchmarks/test_gpu.py (at most 120 s; among them the Triton kernels traced by
+#    torch.compile, which failed once),
+# 6. compares Focal-T's training step and inference with those of another version of the package, if one is
 #    carried in $BASELINE (default .gpu_baseline/focal_hf; e.g. `mkdir -p .gpu_baseline && git archive <commit>
 #    src/focal_hf | tar -x --strip-components=2 -C .gpu_baseline`, ignored by git, so name it in the device tool's
 #    `carry`; rename its Triton op, e.g. `sed -i s/\"triton_gathered_attention\"/\"triton_gathered_attention_old\"/
 #    .gpu_baseline/focal_hf/modeling_focal.py`, or it runs this version's kernels: ops are registered once per
 #    process by name): benchmarks/ablation.py --against,
-# 6. runs the benchmark against Swin-T (bf16; by default every model at 224 and 448 px, plus torch.compile at 224;
+# 7. runs the benchmark against Swin-T (bf16; by default every model at 224 and 448 px, plus torch.compile at 224;
 #    $BENCH_ARGS replaces the models, sizes and modes, e.g. BENCH_ARGS="--models swin-tiny focal-tiny
 #    --image-sizes 224") in what is left of the budget; interrupted, it still prints the table of what it measured.
 # Each step runs under `timeout`; the whole within $BUDGET_S seconds (default 540, under the device tool's 10 minutes
@@ -58,16 +59,17 @@ print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), Triton {triton.__
 echo "== GPU correctness: benchmarks/test_gpu.py, all but torch.compile (${SECONDS} s)"
 timeout -k 10 150 "$PYTHON" -m pytest -x -v -p no:cacheprovider --tb=short -k "not compiled" benchmarks/test_gpu.py \
     2>&1 | tee "$OUT/test_gpu.txt" || status=1
-echo "== GPU correctness: benchmarks/test_gpu.py, torch.compile (${SECONDS} s)"
-timeout -k 10 150 "$PYTHON" -m pytest -v -p no:cacheprovider --tb=short -k compiled benchmarks/test_gpu.py 2>&1 |
-    tee "$OUT/test_gpu_compiled.txt" || status=1
+
+echo "== where a training step goes: benchmarks/profile_gpu.py (${SECONDS} s)"
+timeout -k 10 90 "$PYTHON" benchmarks/profile_gpu.py --rows 30 2>&1 | tee "$OUT/profile.txt" || status=1
 
 echo "== what the Triton kernels are worth: benchmarks/ablation.py --without triton-kernels (${SECONDS} s)"
 timeout -k 10 120 "$PYTHON" benchmarks/ablation.py --device cuda --dtype bf16 --without triton-kernels \
     --modes train-64 infer-128 --steps 10 2>&1 | tee "$OUT/ablation.txt" || status=1
 
-echo "== where a Focal-T training step goes: benchmarks/profile_gpu.py (${SECONDS} s)"
-timeout -k 10 90 "$PYTHON" benchmarks/profile_gpu.py --rows 30 2>&1 | tee "$OUT/profile.txt" || status=1
+echo "== GPU correctness: benchmarks/test_gpu.py, torch.compile (${SECONDS} s)"
+timeout -k 10 120 "$PYTHON" -m pytest -v -p no:cacheprovider --tb=short -k compiled benchmarks/test_gpu.py 2>&1 |
+    tee "$OUT/test_gpu_compiled.txt" || status=1
 
 echo "== this version against the one in $BASELINE: benchmarks/ablation.py --against (${SECONDS} s)"
 if [ -f "$BASELINE/modeling_focal.py" ]; then
