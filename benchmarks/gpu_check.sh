@@ -13,8 +13,8 @@
 #    takes them) with them and without them (SDPA on the folded windows), benchmarks/ablation.py --without
 #    triton-kernels, speed interleaved in one process, and peak memory; then the launch configurations
 #    triton.autotune chose,
-# 5. runs the torch.compile tests of benchmarks/test_gpu.py (at most 120 s; among them the Triton kernels traced by
-#    torch.compile, which failed once),
+# 5. runs the torch.compile tests of benchmarks/test_gpu.py (at most 120 s, stopping at the first failure; among them
+#    the Triton kernels traced by torch.compile, which failed once),
 # 6. compares Focal-T's training step and inference with those of another version of the package, if one is
 #    carried in $BASELINE (default .gpu_baseline/focal_hf; e.g. `mkdir -p .gpu_baseline && git archive <commit>
 #    src/focal_hf | tar -x --strip-components=2 -C .gpu_baseline`, ignored by git, so name it in the device tool's
@@ -68,7 +68,7 @@ timeout -k 10 120 "$PYTHON" benchmarks/ablation.py --device cuda --dtype bf16 --
     --modes train-64 infer-128 --steps 10 2>&1 | tee "$OUT/ablation.txt" || status=1
 
 echo "== GPU correctness: benchmarks/test_gpu.py, torch.compile (${SECONDS} s)"
-timeout -k 10 120 "$PYTHON" -m pytest -v -p no:cacheprovider --tb=short -k compiled benchmarks/test_gpu.py 2>&1 |
+timeout -k 10 120 "$PYTHON" -m pytest -x -v -p no:cacheprovider --tb=short -k compiled benchmarks/test_gpu.py 2>&1 |
     tee "$OUT/test_gpu_compiled.txt" || status=1
 
 echo "== this version against the one in $BASELINE: benchmarks/ablation.py --against (${SECONDS} s)"
