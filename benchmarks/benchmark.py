@@ -173,9 +173,22 @@ def _rss_bytes() -> int:
 
 
 def make_step(model, mode: str, image_size: int, device: str, dtype: str, compiled: bool = False):
-    """`model` (freshly built on the CPU) moved to `device`, and one step of `mode` for it: inference (no autograd,
-    eval mode; bf16 weights with `dtype` bf16) or a training step (train mode, AdamW, fused off the CPU; bf16
-    autocast with `dtype` bf16), on random images."""
+    """`model` (freshly built on the CPU) moved to `device`, and one step of `mode` for it (`make_phases`, run in
+    order)."""
+    phases = make_phases(model, mode, image_size, device, dtype, compiled)
+
+    def step():
+        for phase in phases.values():
+            phase()
+
+    return step
+
+
+def make_phases(model, mode: str, image_size: int, device: str, dtype: str, compiled: bool = False) -> dict:
+    """`model` (freshly built on the CPU) moved to `device`, and the phases of one step of `mode` for it, in order,
+    as functions: inference ("forward": no autograd, eval mode; bf16 weights with `dtype` bf16) or a training step
+    ("forward", "backward", "optimizer": train mode, AdamW, fused off the CPU; bf16 autocast with `dtype` bf16), on
+    random images."""
     import torch
 
     training = mode.startswith("train")
@@ -188,22 +201,30 @@ def make_step(model, mode: str, image_size: int, device: str, dtype: str, compil
         model = torch.compile(model, dynamic=False)
     input_dtype = torch.bfloat16 if half and not training else torch.float32
     pixel_values = torch.randn(batch_size, 3, image_size, image_size, device=device, dtype=input_dtype)
-    labels = torch.randint(0, 1000, (batch_size,), device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device != "cpu") if training else None
-    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=half)
+    if not training:
 
-    def step():
-        if training:
-            with autocast:
-                loss = model(pixel_values, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
+        def infer():
             with torch.no_grad():
                 model(pixel_values)
 
-    return step
+        return {"forward": infer}
+    labels = torch.randint(0, 1000, (batch_size,), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device != "cpu")
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=half)
+    losses = []
+
+    def forward():
+        with autocast:
+            losses.append(model(pixel_values, labels=labels).loss)
+
+    def backward():
+        losses.pop().backward()
+
+    def update():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return {"forward": forward, "backward": backward, "optimizer": update}
 
 
 def measure(model, spec: dict, device: str, dtype: str, iterations: int, warmup: int) -> dict:

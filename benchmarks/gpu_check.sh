@@ -7,8 +7,9 @@
 #    one: the lent machines' image has transformers 5.17, below focal_hf's floor),
 # 2. runs the GPU correctness tests but the torch.compile ones, benchmarks/test_gpu.py (at most 150 s; stopping at the
 #    first failure, whose traceback then shows even if what follows runs out of time),
-# 3. profiles one bf16 training step of Swin-T and of Focal-T (whether the host or the GPU sets its pace, phase by
-#    phase; the host's time by function; the top CUDA kernels: benchmarks/profile_gpu.py),
+# 3. profiles a bf16 training step at batch 64 and inference at batch 1 of Swin-T and of Focal-T (whether the host or
+#    the GPU sets their pace, phase by phase; the host's time by function; the top CUDA kernels:
+#    benchmarks/profile_gpu.py),
 # 4. what focal_sdpa's Triton kernels are worth: Focal-T's training step (batch 64) and inference (batch 128, where it
 #    takes them) with them and without them (SDPA on the folded windows), benchmarks/ablation.py --without
 #    triton-kernels, speed interleaved in one process, and peak memory; then the launch configurations
@@ -60,8 +61,9 @@ echo "== GPU correctness: benchmarks/test_gpu.py, all but torch.compile (${SECON
 timeout -k 10 150 "$PYTHON" -m pytest -x -v -p no:cacheprovider --tb=short -k "not compiled" benchmarks/test_gpu.py \
     2>&1 | tee "$OUT/test_gpu.txt" || status=1
 
-echo "== where a training step goes: benchmarks/profile_gpu.py (${SECONDS} s)"
-timeout -k 10 90 "$PYTHON" benchmarks/profile_gpu.py --rows 30 2>&1 | tee "$OUT/profile.txt" || status=1
+echo "== where a training step and inference go: benchmarks/profile_gpu.py (${SECONDS} s)"
+timeout -k 10 90 "$PYTHON" benchmarks/profile_gpu.py --modes train-64 infer-1 --rows 30 2>&1 |
+    tee "$OUT/profile.txt" || status=1
 
 echo "== what the Triton kernels are worth: benchmarks/ablation.py --without triton-kernels (${SECONDS} s)"
 timeout -k 10 120 "$PYTHON" benchmarks/ablation.py --device cuda --dtype bf16 --without triton-kernels \

@@ -1,4 +1,4 @@
-"""Where a bf16 training step of Focal-T goes on a GPU, beside transformers' Swin-T:
+"""Where a bf16 training step (or inference) of Focal-T goes on a GPU, beside transformers' Swin-T:
 
 1. the host's time to issue each phase of the step (forward, backward, optimizer) against the step's time: when the
    two are close, the GPU waits for the host, and fewer operators or cheaper Python, not faster kernels, make the step
@@ -8,8 +8,9 @@
    back (custom ops' backward, the Triton launches) shows too;
 3. the top CUDA kernels (torch.profiler).
 
-    python benchmarks/profile_gpu.py [--batch-size 64] [--image-size 224] [--without NAME ...] [--rows 25]
+    python benchmarks/profile_gpu.py [--modes train-64 infer-1] [--image-size 224] [--without NAME ...] [--rows 25]
 
+Steps as `benchmark.py --dtype bf16` times them (`--modes`: its modes; inference has one phase, with bf16 weights).
 `--without`: the Focal models without these mechanisms (benchmark.py's names). `--device cpu` runs the same on the
 CPU, where host and device are one (to try the script without a GPU; table 3 then lists operators by CPU time)."""
 
@@ -21,14 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-from benchmark import MECHANISMS, REFERENCE, build_model, require_cuda
+from benchmark import MECHANISMS, REFERENCE, build_model, make_phases, mode_type, require_cuda
 from torch.profiler import ProfilerActivity, profile
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["swin-tiny", "focal-tiny"])
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--modes", nargs="+", type=mode_type, default=["train-64"])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rows", type=int, default=25, help="rows of the function and kernel tables")
     parser.add_argument("--without", nargs="+", default=[], choices=sorted(MECHANISMS))
@@ -36,44 +37,23 @@ def main():
     args = parser.parse_args()
     if args.device == "cuda":
         require_cuda("profile_gpu.py")
-    for name in args.models:
-        without = tuple(args.without) if name != REFERENCE else ()
-        model = build_model(name, args.image_size, without=without)
-        print(
-            f"\n=== {name}{' without ' + ', '.join(without) if without else ''}, batch {args.batch_size}, "
-            f"{args.image_size} px, bf16 autocast training step, {args.device}"
-        )
-        phases = training_phases(model, args.batch_size, args.image_size, args.device)
-        for _ in range(3):  # warm-up (Triton's tuning, the caching allocator, the optimizer's state)
-            run(phases)
-        print(phase_table(phases, args.device))
-        print(host_functions(phases, args.rows))
-        print(device_operators(phases, args.device, args.rows))
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-
-
-def training_phases(model, batch_size: int, image_size: int, device: str) -> dict:
-    """The phases of one bf16-autocast training step of `model` on random images (`device`), in order, as
-    functions: forward, backward, optimizer (AdamW, fused off the CPU)."""
-    model = model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device != "cpu")
-    pixel_values = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    labels = torch.randint(0, 1000, (batch_size,), device=device)
-    losses = []
-
-    def forward():
-        with torch.autocast(device, dtype=torch.bfloat16):
-            losses.append(model(pixel_values, labels=labels).loss)
-
-    def backward():
-        losses.pop().backward()
-
-    def update():
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return {"forward": forward, "backward": backward, "optimizer": update}
+    for mode in args.modes:
+        for name in args.models:
+            without = tuple(args.without) if name != REFERENCE else ()
+            model = build_model(name, args.image_size, without=without)
+            print(
+                f"\n=== {name}{' without ' + ', '.join(without) if without else ''}, {mode}, {args.image_size} px, "
+                f"bf16, {args.device}"
+            )
+            phases = make_phases(model, mode, args.image_size, args.device, "bf16")
+            for _ in range(3):  # warm-up (Triton's tuning, the caching allocator, the optimizer's state)
+                run(phases)
+            print(phase_table(phases, args.device))
+            print(host_functions(phases, args.rows))
+            print(device_operators(phases, args.device, args.rows))
+            del model, phases
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
 
 
 def run(phases: dict) -> None:

@@ -404,24 +404,31 @@ def test_gather_kernels_on_cuda_without_a_gpu_is_refused_in_one_line():
 
 
 def test_profile_run_end_to_end():
-    # the profile of a training step, on the CPU (`--device cpu`): the phases' host times, the host's time by function
-    # (Python functions of the model and torch's operators, the backward pass's included) and the profiler's table
-    args = ["--device", "cpu", "--models", "focal-tiny", "--batch-size", "1", "--image-size", "96", "--rows", "60"]
-    result = run_script(*args, script="profile_gpu.py")
+    # the profile of a training step and of inference, on the CPU (`--device cpu`): the phases' host times, the host's
+    # time by function (Python functions of the model and torch's operators, the backward pass's included) and the
+    # profiler's table
+    args = ["--device", "cpu", "--models", "focal-tiny", "--modes", "train-1", "infer-1", "--image-size", "96"]
+    result = run_script(*args, "--rows", "60", script="profile_gpu.py")
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    assert lines[1] == "=== focal-tiny, batch 1, 96 px, bf16 autocast training step, cpu"
-    step, phases = lines[2].split("; on the host (ms, median of 5): ")
-    assert float(step.removeprefix("step ").removesuffix(" ms")) > 0
-    times = dict(phase.rsplit(" ", 1) for phase in phases.split(", "))
-    assert list(times) == ["forward", "backward", "optimizer", "together"]
-    assert all(float(value) > 0 for value in times.values())
-    assert lines[3].startswith("host time by function (cProfile, ")
-    functions = lines[4:64]
-    assert all(len(line.split(maxsplit=2)) == 3 and float(line.split()[0]) >= 0 for line in functions)
-    names = " ".join(functions)
-    assert "run_backward" in names and "_cpu_gathered_attention_backward (modeling_focal.py:" in names
-    assert "focal_transformer::cpu_gathered_attention_2_backward" in result.stdout  # (the profiler's table)
+    training, inference = result.stdout.split("\n=== ")[1:]
+    for section, mode, phases in (
+        (training, "train-1", ["forward", "backward", "optimizer"]),
+        (inference, "infer-1", ["forward"]),
+    ):
+        lines = section.splitlines()
+        assert lines[0] == f"focal-tiny, {mode}, 96 px, bf16, cpu"
+        step, times = lines[1].split("; on the host (ms, median of 5): ")
+        assert float(step.removeprefix("step ").removesuffix(" ms")) > 0
+        times = dict(phase.rsplit(" ", 1) for phase in times.split(", "))
+        assert list(times) == [*phases, "together"] and all(float(value) > 0 for value in times.values())
+        assert lines[2].startswith("host time by function (cProfile, ")
+        functions = lines[3:63]
+        assert all(len(line.split(maxsplit=2)) == 3 and float(line.split()[0]) >= 0 for line in functions)
+        assert "forward (modeling_focal.py:" in " ".join(functions)
+        assert "focal_transformer::cpu_gathered_attention_2" in section  # (the profiler's table)
+    functions = " ".join(training.splitlines()[3:63])
+    assert "run_backward" in functions and "_cpu_gathered_attention_backward (modeling_focal.py:" in functions
+    assert "cpu_gathered_attention_2_backward" in training and "backward" not in inference
     result = run_script("--models", "focal-tiny", script="profile_gpu.py", CUDA_VISIBLE_DEVICES="")
     assert result.returncode != 0 and result.stdout == ""
     assert result.stderr.strip().count("\n") == 0 and "--device cuda, but torch" in result.stderr
