@@ -25,7 +25,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from benchmark import turn_off  # noqa: E402
 from conftest import tiny_config  # noqa: E402
-from test_triton_attention import runs_everywhere  # noqa: E402
+from test_triton_attention import count_kernel_calls, runs_everywhere  # noqa: E402
 
 from focal_hf import FocalForImageClassification, modeling_focal, official_config, triton_attention  # noqa: E402
 
@@ -68,9 +68,7 @@ def _pair(attention_type, without=()):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """The calls of the Triton kernels' op, counted."""
-    kernel, calls = modeling_focal.triton_gathered_attention, []
-    monkeypatch.setattr(modeling_focal, "triton_gathered_attention", lambda *args: calls.append(1) or kernel(*args))
-    return calls
+    return count_kernel_calls(monkeypatch)
 
 
 def _run(model, pixel_values, labels):

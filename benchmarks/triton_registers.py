@@ -77,10 +77,7 @@ def resource_usage(compiled) -> tuple[int, int]:
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description="Compile the focal_triton kernels in every launch configuration for a CUDA GPU, without one, and "
-        "print each one's registers and spills per thread (defaults: Focal-T's first stage)."
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--capability", type=int, default=90, help="CUDA compute capability, e.g. 80, 90 (default)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--window-area", type=int, default=49)

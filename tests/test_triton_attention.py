@@ -122,6 +122,13 @@ def test_focal_sdpa_takes_the_kernels_only_where_they_run(triton_attention, monk
         calls.clear()
 
 
+def count_kernel_calls(monkeypatch) -> list:
+    """The calls of the Triton kernels' op from here on, counted (one item a call; `monkeypatch` undoes it)."""
+    kernel, calls = modeling_focal.triton_gathered_attention, []
+    monkeypatch.setattr(modeling_focal, "triton_gathered_attention", lambda *args: calls.append(1) or kernel(*args))
+    return calls
+
+
 def runs_everywhere(query, dropout):
     """`runs_triton_kernels` answering as on a GPU for any device (here: the CPU, the kernels interpreted)."""
     return dropout == 0.0 and not is_exporting()
@@ -131,18 +138,16 @@ def runs_everywhere(query, dropout):
 @pytest.mark.parametrize("size", [(64, 64), (80, 48)])
 @pytest.mark.parametrize("attention_type", ATTENTIONS)
 def test_model_equals_eager_with_shift(triton_attention, monkeypatch, attention_type, size, dtype):
-    kernel, calls = modeling_focal.triton_gathered_attention, []
+    calls = count_kernel_calls(monkeypatch)
     monkeypatch.setattr(modeling_focal, "runs_triton_kernels", runs_everywhere)
-    monkeypatch.setattr(modeling_focal, "triton_gathered_attention", lambda *args: calls.append(1) or kernel(*args))
     assert_equals_eager_with_shift(attention_type, "focal_sdpa", size, dtype)
     assert len(calls) == 7  # every block ran the kernels
 
 
 def test_gradient_checkpointing_runs_the_kernels_again(triton_attention, monkeypatch):
     # checkpointed blocks run the forward kernel again in the backward pass, with the same gradients
-    kernel, calls = modeling_focal.triton_gathered_attention, []
+    calls = count_kernel_calls(monkeypatch)
     monkeypatch.setattr(modeling_focal, "runs_triton_kernels", runs_everywhere)
-    monkeypatch.setattr(modeling_focal, "triton_gathered_attention", lambda *args: calls.append(1) or kernel(*args))
     assert_equals_eager_with_shift("focal", "focal_sdpa", (64, 64), torch.float32, checkpointing=True)
     assert len(calls) == 2 * 7
 
