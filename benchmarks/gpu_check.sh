@@ -15,7 +15,7 @@
 #    triton-kernels, speed interleaved in one process, and peak memory; then the launch configurations
 #    triton.autotune chose,
 # 5. runs the torch.compile tests of benchmarks/test_gpu.py (at most 120 s, stopping at the first failure; among them
-#    the Triton kernels traced by torch.compile, which failed once),
+#    the Triton kernels traced by torch.compile),
 # 6. compares Focal-T's training step and inference with those of another version of the package, if one is
 #    carried in $BASELINE (default .gpu_baseline/focal_hf; e.g. `mkdir -p .gpu_baseline && git archive <commit>
 #    src/focal_hf | tar -x --strip-components=2 -C .gpu_baseline`, ignored by git, so name it in the device tool's

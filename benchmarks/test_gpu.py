@@ -165,8 +165,9 @@ def test_inference_takes_the_kernels_from_a_large_batch(kernel_calls):
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_compiled_training_step_equals_eager(dynamic, kernels, kernel_calls, monkeypatch):
     # compiled for one size, and for any size (two sizes, one graph); with the folded SDPA call (what focal_sdpa runs
-    # under torch.compile), and with the Triton kernels traced (not yet focal_sdpa's choice: this case failed on an
-    # H200 in November 2026, the cause not yet seen)
+    # under torch.compile), and with the Triton kernels traced (not yet focal_sdpa's choice: they failed to compile
+    # until they took their float argument as float32 whatever its type; one size passed on an H200 in November 2026,
+    # any size did not finish in 100 s there)
     if kernels:
         monkeypatch.setattr(modeling_focal, "runs_triton_kernels", runs_everywhere)
     eager, fused = _pair("focal")

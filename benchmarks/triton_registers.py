@@ -3,6 +3,7 @@ without one, and print each one's registers and spills per thread (Triton compil
 
     python benchmarks/triton_registers.py                       # sm_90 (H100, H200), bf16, Focal-T's first stage
     python benchmarks/triton_registers.py --capability 80 --window-area 144 --keys 300 --heads 4
+    python benchmarks/triton_registers.py --scaling-type fp64   # the float argument as torch.compile passes it
 """
 
 import argparse
@@ -29,11 +30,18 @@ LOW_PRECISION = {"query_ptr", "key_ptr", "value_ptr", "bias_ptr", "output_ptr", 
 
 
 def compile_for_gpu(
-    capability: int, dtype: torch.dtype, window_area: int, num_keys: int, num_heads: int, head_dim: int
+    capability: int,
+    dtype: torch.dtype,
+    window_area: int,
+    num_keys: int,
+    num_heads: int,
+    head_dim: int,
+    scaling_type: str = "fp32",
 ):
     """Both kernels compiled in every launch configuration for a CUDA GPU of compute capability `capability` (e.g. 90:
-    H100, H200), without one: Triton compiles for any target it is told of. Yields (kernel name, configuration,
-    compiled kernel)."""
+    H100, H200), without one: Triton compiles for any target it is told of. `scaling_type`: the Triton type of the
+    float argument `scaling`, "fp32" as Triton's launcher passes a Python float, "fp64" as the code that
+    `torch.compile` generates does. Yields (kernel name, configuration, compiled kernel)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -47,7 +55,7 @@ def compile_for_gpu(
         ("forward", _gathered_attention_forward, FORWARD_CONFIGS),
         ("backward", _gathered_attention_backward, BACKWARD_CONFIGS),
     ):
-        signature = {argument: _argument_type(argument, element) for argument in kernel.arg_names}
+        signature = {argument: _argument_type(argument, element, scaling_type) for argument in kernel.arg_names}
         signature.update(dict.fromkeys([*constants, *configs[0].kwargs], "constexpr"))
         for config in configs:
             values = {**constants, **config.kwargs}
@@ -57,11 +65,11 @@ def compile_for_gpu(
             yield name, config, triton.compile(ASTSource(kernel, signature, constexprs), target=target, options=options)
 
 
-def _argument_type(argument: str, element: str) -> str:
-    """A kernel argument's Triton type (the kernels' scalars: float32 `scaling`, int32 sizes)."""
+def _argument_type(argument: str, element: str, scaling_type: str) -> str:
+    """A kernel argument's Triton type (the kernels' scalars: `scaling` of `scaling_type`, int32 sizes)."""
     if argument.endswith("_ptr"):
         return f"*{element}" if argument in LOW_PRECISION else "*i64" if argument == "key_index_ptr" else "*fp32"
-    return "fp32" if argument == "scaling" else "i32"
+    return scaling_type if argument == "scaling" else "i32"
 
 
 def resource_usage(compiled) -> tuple[int, int]:
@@ -84,14 +92,20 @@ def main():
     parser.add_argument("--keys", type=int, default=224)
     parser.add_argument("--heads", type=int, default=3)
     parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument(
+        "--scaling-type",
+        default="fp32",
+        choices=["fp32", "fp64"],
+        help="the float argument's type: fp32 as Triton's launcher passes it (default), fp64 as torch.compile does",
+    )
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     shape = (args.window_area, args.keys, args.heads, args.head_dim)
     print(
         f"sm_{args.capability}, {args.dtype}, {args.window_area} queries, {args.keys} keys, {args.heads} heads of "
-        f"{args.head_dim}"
+        f"{args.head_dim}, scaling {args.scaling_type}"
     )
-    for name, config, compiled in compile_for_gpu(args.capability, dtype, *shape):
+    for name, config, compiled in compile_for_gpu(args.capability, dtype, *shape, args.scaling_type):
         registers, stack = resource_usage(compiled)
         print(f"{name} | {describe(config)} | {registers} registers | {stack} bytes spilled", flush=True)
 

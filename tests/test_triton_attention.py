@@ -152,11 +152,14 @@ def test_gradient_checkpointing_runs_the_kernels_again(triton_attention, monkeyp
     assert len(calls) == 2 * 7
 
 
-def test_kernels_compile_for_a_gpu(triton_attention):
+@pytest.mark.parametrize("scaling_type", ["fp32", "fp64"])
+def test_kernels_compile_for_a_gpu(triton_attention, scaling_type):
     # what the interpreter does not check: the kernels compiled for an H100/H200 (sm_90) in every launch
     # configuration that triton.autotune tries there, by Triton's own compiler, without a GPU (a window of 12: several
-    # blocks of queries and of keys)
+    # blocks of queries and of keys), with the float argument as Triton's launcher passes it (fp32) and as the code
+    # that torch.compile generates does (fp64: a kernel whose float32 softmax took it as it came did not compile)
     args = ["--capability", "90", "--window-area", "144", "--keys", "300", "--heads", "4", "--head-dim", "32"]
+    args += ["--scaling-type", scaling_type]
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "triton_registers.py"), *args],
         capture_output=True,
@@ -166,7 +169,7 @@ def test_kernels_compile_for_a_gpu(triton_attention):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert lines[0] == "sm_90, bf16, 144 queries, 300 keys, 4 heads of 32"
+    assert lines[0] == f"sm_90, bf16, 144 queries, 300 keys, 4 heads of 32, scaling {scaling_type}"
     rows = [line.split(" | ") for line in lines[1:]]
     expected = [("forward", c) for c in triton_attention.FORWARD_CONFIGS]
     expected += [("backward", c) for c in triton_attention.BACKWARD_CONFIGS]

@@ -759,8 +759,9 @@ def runs_triton_kernels(query: torch.Tensor, dropout: float) -> bool:
     """Whether `focal_sdpa` runs `triton_gathered_attention` for these queries: on an NVIDIA GPU of compute
     capability 8.0 or more (Ampere and later: what Triton supports), in bf16 or fp16 (as under autocast), without
     attention dropout, in eager mode (not while `torch.compile` or `torch.export` traces the model: exported
-    programs hold only standard operators, and compiled ones failed a GPU test with the kernels, not yet explained),
-    where Triton is installed; with autograd (training), or without it from `TRITON_MIN_INFERENCE_BATCH` images."""
+    programs hold only standard operators; compiled ones keep the folded call until the kernels' worth there is
+    measured: they compile and pass a GPU test at one size), where Triton is installed; with autograd (training), or
+    without it from `TRITON_MIN_INFERENCE_BATCH` images."""
     return (
         triton_gathered_attention is not None
         and query.dtype in (torch.bfloat16, torch.float16)

@@ -124,6 +124,7 @@ def _gathered_attention_forward(
     PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    scaling = tl.cast(scaling, tl.float32)  # (torch.compile passes a Python float in float64)
     num_query_blocks: tl.constexpr = (WINDOW_AREA + BLOCK_A - 1) // BLOCK_A
     window_head, query_block = tl.program_id(0) // num_query_blocks, tl.program_id(0) % num_query_blocks
     image = tl.program_id(1).to(tl.int64)
@@ -194,6 +195,7 @@ def _gathered_attention_backward(
     BLOCK_K: tl.constexpr,
     IMAGES_PER_PROGRAM: tl.constexpr,
 ):
+    scaling = tl.cast(scaling, tl.float32)  # (torch.compile passes a Python float in float64)
     num_query_blocks: tl.constexpr = (WINDOW_AREA + BLOCK_A - 1) // BLOCK_A
     num_key_blocks: tl.constexpr = (NUM_KEYS + BLOCK_K - 1) // BLOCK_K
     query_block = tl.program_id(0) % num_query_blocks
