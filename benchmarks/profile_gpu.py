@@ -6,7 +6,10 @@
 2. the host's time by function (cProfile, self time, one step): Python functions, and torch's operators as the
    built-in methods that call them; the backward pass runs on the calling thread here, so that the Python it calls
    back (custom ops' backward, the Triton launches) shows too;
-3. the top CUDA kernels (torch.profiler).
+3. the top CUDA kernels (torch.profiler);
+4. each time the host waited for the GPU in one step (`torch.cuda.set_sync_debug_mode`), by where it was called: one
+   such wait a step makes the host issue the rest of the step only once the GPU has caught up, so host and GPU time
+   add up instead of overlapping.
 
     python benchmarks/profile_gpu.py [--modes train-64 infer-1] [--image-size 224] [--without NAME ...] [--rows 25]
 
@@ -19,6 +22,9 @@ import cProfile
 import pstats
 import statistics
 import time
+import traceback
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -51,6 +57,7 @@ def main():
             print(phase_table(phases, args.device))
             print(host_functions(phases, args.rows))
             print(device_operators(phases, args.device, args.rows))
+            print(host_synchronisations(phases, args.device, args.rows))
             del model, phases
             if args.device == "cuda":
                 torch.cuda.empty_cache()
@@ -115,6 +122,36 @@ def device_operators(phases: dict, device: str, rows: int) -> str:
         synchronize(device)
     key = "cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+
+
+def host_synchronisations(phases: dict, device: str, rows: int) -> str:
+    """Where the host waited for the GPU in one step (`torch.cuda.set_sync_debug_mode("warn")`: a copy to the host,
+    `.item()`, `nonzero`, a copy from pageable host memory, an explicit synchronisation), the backward pass on the
+    calling thread: the count, and up to `rows` places as the innermost frame outside torch and the innermost
+    frame."""
+    if device != "cuda":
+        return "host synchronisations: not measured on the CPU"
+    places = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if not str(message).startswith("called a synchronizing CUDA operation"):  # (not the mode's own notice)
+            return
+        stack = [frame for frame in traceback.extract_stack()[:-1] if Path(frame.filename).name != "warnings.py"]
+        outside = [frame for frame in stack if "/torch/" not in frame.filename]
+        where = [f"{Path(frame.filename).name}:{frame.lineno} {frame.name}" for frame in (outside[-1], stack[-1])]
+        places[f"{' <- '.join(where)}: {str(message).splitlines()[0][:80]}"] += 1
+
+    with warnings.catch_warnings(), torch.autograd.set_multithreading_enabled(False):
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run(phases)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    lines = [f"host synchronisations in one step: {places.total()}"]
+    lines += [f"{count:6d}  {place}" for place, count in places.most_common(rows)]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -426,6 +426,7 @@ def test_profile_run_end_to_end():
         assert all(len(line.split(maxsplit=2)) == 3 and float(line.split()[0]) >= 0 for line in functions)
         assert "forward (modeling_focal.py:" in " ".join(functions)
         assert "focal_transformer::cpu_gathered_attention_2" in section  # (the profiler's table)
+        assert lines[-1] == "host synchronisations: not measured on the CPU"  # (CUDA's synchronisation debug mode)
     functions = " ".join(training.splitlines()[3:63])
     assert "run_backward" in functions and "_cpu_gathered_attention_backward (modeling_focal.py:" in functions
     assert "cpu_gathered_attention_2_backward" in training and "backward" not in inference
