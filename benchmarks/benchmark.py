@@ -87,12 +87,12 @@ def non_negative_int(text: str) -> int:
     return int(text)
 
 
-def require_cuda(script: str) -> None:
-    """Exit with one line unless torch sees a CUDA GPU (`--device cuda` of the scripts here)."""
+def require_cuda(script: str, asked: str = "--device cuda") -> None:
+    """Exit with one line unless torch sees a CUDA GPU (`--device cuda` of the scripts here, or what `asked` says)."""
     import torch
 
     if not torch.cuda.is_available():
-        sys.exit(f"{script}: --device cuda, but torch {torch.__version__} sees no CUDA GPU here")
+        sys.exit(f"{script}: {asked}, but torch {torch.__version__} sees no CUDA GPU here")
 
 
 def build_model(name: str, image_size: int = 224, num_labels: int = 1000, without: tuple[str, ...] = ()):

@@ -433,3 +433,12 @@ def test_profile_run_end_to_end():
     result = run_script("--models", "focal-tiny", script="profile_gpu.py", CUDA_VISIBLE_DEVICES="")
     assert result.returncode != 0 and result.stdout == ""
     assert result.stderr.strip().count("\n") == 0 and "--device cuda, but torch" in result.stderr
+
+
+def test_launch_cost_needs_a_gpu():
+    # benchmarks/launch_cost.py (the host's time per call of the Triton op's layers) runs on a GPU only: without one
+    # it says so in one line, before building anything
+    result = run_script("--calls", "1", script="launch_cost.py", CUDA_VISIBLE_DEVICES="")
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0
+    assert "launch_cost.py: it measures on a CUDA GPU, but torch" in result.stderr

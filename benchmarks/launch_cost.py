@@ -1,0 +1,122 @@
+"""The host's time per call of each layer of focal_sdpa's Triton op on a GPU, with a Focal-T block's arguments (bf16
+training at batch 64, stage 3 by default), beside torch's SDPA of as many queries:
+
+    python benchmarks/launch_cost.py [--batch-size 64] [--stage 3] [--calls 200]
+
+A training step issues each block's attention as the op with autograd (forward, then its backward pass); when the
+host, not the GPU, sets a step's pace (`profile_gpu.py`), what the host spends between the call and the kernels'
+launches is what the step loses. Rows, from the outermost layer in:
+
+- the op with autograd: forward, and forward and backward (`.backward()`, as in a step);
+- the op without autograd: forward, and its backward op;
+- `fused_gathered_attention(...)` called outside the op: `wrap_triton` then dispatches through torch's
+  higher-order operator, which the op's eager path does not (a cost to avoid, not one that a step pays);
+- the forward kernel's launches alone: through `triton.autotune` (as the op launches it), and the kernel itself;
+- for scale: `torch.nn.functional.scaled_dot_product_attention` of the same queries (keys = queries), and one
+  `torch.zeros_like` of the keys in float32 (the backward op makes four such buffers).
+
+Each row: the mean host time per call over `--calls` calls (until the call returns), and per call until the GPU has
+finished them all. Needs a CUDA GPU that runs the kernels (`modeling_focal.triton_runs_on`)."""
+
+import argparse
+import time
+
+import torch
+from benchmark import positive_int, require_cuda
+
+from focal_hf import FocalForImageClassification, modeling_focal, official_config, triton_attention
+
+
+def block_arguments(batch_size: int, stage: int) -> tuple:
+    """The arguments of the op's first call in `stage` (1-4) of a Focal-T bf16 training step at `batch_size`, on the
+    GPU (detached, contiguous), after one step (which also tunes the kernels)."""
+    model = FocalForImageClassification(official_config("focal-tiny")).cuda().train()
+    op, calls = modeling_focal.triton_gathered_attention, []
+    modeling_focal.triton_gathered_attention = lambda *args: calls.append(args) or op(*args)
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(torch.randn(batch_size, 3, 224, 224, device="cuda")).logits.float().sum().backward()
+    finally:
+        modeling_focal.triton_gathered_attention = op
+    first = sum(model.config.depths[: stage - 1])
+    return tuple(arg.detach().contiguous() if torch.is_tensor(arg) else arg for arg in calls[first])
+
+
+def per_call(function, calls: int) -> tuple[float, float]:
+    """Mean µs per call of `function()` on the host, and until the GPU has finished `calls` calls."""
+    function()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        function()
+    issued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return issued / calls * 1e6, (time.perf_counter() - start) / calls * 1e6
+
+
+def rows(arguments: tuple) -> dict:
+    """The measured calls by name (see the module's docstring)."""
+    query, key, value, bias, key_index, num_heads, scaling = arguments
+    op = modeling_focal.triton_gathered_attention
+    backward_op = torch.ops.focal_transformer.triton_gathered_attention_backward
+    output, logsumexp = op(*arguments)
+    grad_output = torch.randn_like(output)
+    leaves = [tensor.clone().requires_grad_() for tensor in (query, key, value, bias)]
+    programs, sizes, constants = triton_attention._launch_arguments(query, key, bias, key_index, num_heads)
+    tuned = triton_attention._tuned_forward
+    config = tuned.cache[next(iter(tuned.cache))]  # (any tuned configuration: the launch's cost, not the kernel's)
+    kernel_arguments = (query, key, value, bias, key_index, torch.empty_like(query), logsumexp.clone(), *sizes, scaling)
+    num_windows, _, window_area, _ = bias.shape
+    folded = query.view(len(query), num_windows, window_area, num_heads, -1).transpose(2, 3).flatten(1, 2)
+
+    def without_autograd(function):
+        def call():
+            with torch.no_grad():
+                function()
+
+        return call
+
+    return {
+        "op with autograd, forward": lambda: op(*leaves, key_index, num_heads, scaling),
+        "op with autograd, forward and backward": lambda: op(*leaves, key_index, num_heads, scaling)[0].backward(
+            grad_output
+        ),
+        "op without autograd, forward": without_autograd(lambda: op(*arguments)),
+        "its backward op": without_autograd(
+            lambda: backward_op(grad_output, *arguments[:5], output, logsumexp, num_heads, scaling)
+        ),
+        "fused_gathered_attention outside the op": without_autograd(
+            lambda: triton_attention.fused_gathered_attention(*arguments)
+        ),
+        "forward kernel through triton.autotune": lambda: tuned[(programs, len(query))](*kernel_arguments, **constants),
+        "forward kernel": lambda: triton_attention._gathered_attention_forward[(programs, len(query))](
+            *kernel_arguments, **constants, **config.kwargs, num_warps=config.num_warps
+        ),
+        f"torch SDPA {tuple(folded.shape)}": without_autograd(
+            lambda: torch.nn.functional.scaled_dot_product_attention(folded, folded, folded)
+        ),
+        "torch.zeros_like(key, float32)": lambda: torch.zeros_like(key, dtype=torch.float32),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--stage", type=int, default=3, choices=[1, 2, 3, 4])
+    parser.add_argument("--calls", type=positive_int, default=200)
+    args = parser.parse_args()
+    require_cuda("launch_cost.py", "it measures on a CUDA GPU")
+    arguments = block_arguments(args.batch_size, args.stage)
+    query, key, _, bias = arguments[:4]
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}: Focal-T stage {args.stage}, batch "
+        f"{args.batch_size}, bf16: queries {tuple(query.shape)}, keys {tuple(key.shape)}, bias {tuple(bias.shape)}"
+    )
+    print(f"{'µs per call':>12} {'with the GPU':>13}")
+    for name, function in rows(arguments).items():
+        host, finished = per_call(function, args.calls)
+        print(f"{host:12.1f} {finished:13.1f}  {name}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
