@@ -9,7 +9,8 @@
 #    first failure, whose traceback then shows even if what follows runs out of time),
 # 3. profiles a bf16 training step at batch 64 and inference at batch 1 of Swin-T and of Focal-T (whether the host or
 #    the GPU sets their pace, phase by phase; the host's time by function; the top CUDA kernels:
-#    benchmarks/profile_gpu.py),
+#    benchmarks/profile_gpu.py; where the host waited for the GPU), and the host's time per call of each layer of the
+#    Triton op (benchmarks/launch_cost.py),
 # 4. what focal_sdpa's Triton kernels are worth: Focal-T's training step (batch 64) and inference (batch 128, where it
 #    takes them) with them and without them (SDPA on the folded windows), benchmarks/ablation.py --without
 #    triton-kernels, speed interleaved in one process, and peak memory; then the launch configurations
@@ -27,8 +28,8 @@
 #    --image-sizes 224") in what is left of the budget; interrupted, it still prints the table of what it measured.
 # Each step runs under `timeout`; the whole within $BUDGET_S seconds (default 540, under the device tool's 10 minutes
 # a command). Output: $OUT/test_gpu.txt, $OUT/test_gpu_compiled.txt, $OUT/ablation.txt, $OUT/profile.txt,
-# $OUT/against.txt, $OUT/bench.txt, $OUT/bench.json ($OUT defaults to ./gpu-check-output). Exit status non-zero if
-# any step failed.
+# $OUT/launch_cost.txt, $OUT/against.txt, $OUT/bench.txt, $OUT/bench.json ($OUT defaults to ./gpu-check-output).
+# Exit status non-zero if any step failed.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-$PWD/gpu-check-output}
@@ -64,6 +65,7 @@ timeout -k 10 150 "$PYTHON" -m pytest -x -v -p no:cacheprovider --tb=short -k "n
 echo "== where a training step and inference go: benchmarks/profile_gpu.py (${SECONDS} s)"
 timeout -k 10 90 "$PYTHON" benchmarks/profile_gpu.py --modes train-64 infer-1 --rows 30 2>&1 |
     tee "$OUT/profile.txt" || status=1
+timeout -k 10 60 "$PYTHON" benchmarks/launch_cost.py 2>&1 | tee "$OUT/launch_cost.txt" || status=1
 
 echo "== what the Triton kernels are worth: benchmarks/ablation.py --without triton-kernels (${SECONDS} s)"
 timeout -k 10 120 "$PYTHON" benchmarks/ablation.py --device cuda --dtype bf16 --without triton-kernels \
