@@ -31,6 +31,8 @@ import torch
 from benchmark import MECHANISMS, REFERENCE, build_model, make_phases, mode_type, require_cuda
 from torch.profiler import ProfilerActivity, profile
 
+MODEL_FILES = ("modeling_", "triton_attention")  # (the files whose functions the cumulative table lists)
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,7 +99,9 @@ def phase_table(phases: dict, device: str, steps: int = 5) -> str:
 
 def host_functions(phases: dict, rows: int) -> str:
     """The `rows` functions with the most self time on the host in one step (cProfile), the backward pass on the
-    calling thread (not the autograd engine's device threads, which cProfile does not see)."""
+    calling thread (not the autograd engine's device threads, which cProfile does not see); then the model's own
+    functions (those of `modeling_*.py` and `triton_attention.py`) with the most cumulative time: what each part of
+    the model costs the host, the operators it calls included."""
     profiler = cProfile.Profile()
     with torch.autograd.set_multithreading_enabled(False):
         profiler.enable()
@@ -111,6 +115,12 @@ def host_functions(phases: dict, rows: int) -> str:
     )[:rows]:
         where = function if file == "~" else f"{function} ({Path(file).name}:{line})"
         lines.append(f"{self_time * 1e3:9.2f} {calls:6d}  {where}")
+    lines.append("the model's functions by cumulative host time (ms, calls, function):")
+    model = [(key, entry) for key, entry in stats.items() if Path(key[0]).name.startswith(MODEL_FILES)]
+    for (file, line, function), (_, calls, _, cumulative, _) in sorted(
+        model, key=lambda item: item[1][3], reverse=True
+    )[:rows]:
+        lines.append(f"{cumulative * 1e3:9.2f} {calls:6d}  {function} ({Path(file).name}:{line})")
     return "\n".join(lines)
 
 

@@ -1,7 +1,9 @@
 """The benchmark script: its refusal without a GPU, its argument checks, and one minimal CPU run end to end."""
 
 import copy
+import itertools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -425,6 +427,10 @@ def test_profile_run_end_to_end():
         functions = lines[3:63]
         assert all(len(line.split(maxsplit=2)) == 3 and float(line.split()[0]) >= 0 for line in functions)
         assert "forward (modeling_focal.py:" in " ".join(functions)
+        assert lines[63] == "the model's functions by cumulative host time (ms, calls, function):"
+        model_functions = list(itertools.takewhile(re.compile(r"^ *[0-9.]+ +[0-9]+  \S").match, lines[64:124]))
+        cumulative = [float(line.split()[0]) for line in model_functions]
+        assert cumulative == sorted(cumulative, reverse=True) and "(modeling_focal.py:" in model_functions[0]
         assert "focal_transformer::cpu_gathered_attention_2" in section  # (the profiler's table)
         assert lines[-1] == "host synchronisations: not measured on the CPU"  # (CUDA's synchronisation debug mode)
     functions = " ".join(training.splitlines()[3:63])
