@@ -17,12 +17,13 @@
 #    triton.autotune chose,
 # 5. runs the torch.compile tests of benchmarks/test_gpu.py (at most 120 s, stopping at the first failure; among them
 #    the Triton kernels traced by torch.compile),
-# 6. compares Focal-T's training step and inference with those of another version of the package, if one is
-#    carried in $BASELINE (default .gpu_baseline/focal_hf; e.g. `mkdir -p .gpu_baseline && git archive <commit>
-#    src/focal_hf | tar -x --strip-components=2 -C .gpu_baseline`, ignored by git, so name it in the device tool's
-#    `carry`; rename its Triton op, e.g. `sed -i s/\"triton_gathered_attention\"/\"triton_gathered_attention_old\"/
-#    .gpu_baseline/focal_hf/modeling_focal.py`, or it runs this version's kernels: ops are registered once per
-#    process by name): benchmarks/ablation.py --against,
+# 6. compares Focal-T's training step and inference with those of other versions of the package, each carried as a
+#    `focal_hf` folder in $BASELINES (default .gpu_baseline/focal_hf and .gpu_baseline/*/focal_hf; e.g. `mkdir -p
+#    .gpu_baseline && git archive <commit> src/focal_hf | tar -x --strip-components=1 -C .gpu_baseline`, ignored by
+#    git, so name .gpu_baseline in the device tool's `carry`; rename each one's Triton op, e.g. `sed -i
+#    s/\"triton_gathered_attention\"/\"triton_gathered_attention_old\"/ .gpu_baseline/focal_hf/modeling_focal.py`,
+#    or it runs this version's kernels: ops are registered once per process by name): benchmarks/ablation.py
+#    --against, 100 s each (its speed-up is this version's: below 1, the other version is faster),
 # 7. runs the benchmark against Swin-T (bf16; by default every model at 224 and 448 px, plus torch.compile at 224;
 #    $BENCH_ARGS replaces the models, sizes and modes, e.g. BENCH_ARGS="--models swin-tiny focal-tiny
 #    --image-sizes 224") in what is left of the budget; interrupted, it still prints the table of what it measured.
@@ -34,7 +35,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-$PWD/gpu-check-output}
 BUDGET_S=${BUDGET_S:-540}  # the whole script, seconds
-BASELINE=${BASELINE:-.gpu_baseline/focal_hf}  # another version of the package to compare with, if there
+BASELINES=${BASELINES:-".gpu_baseline/focal_hf .gpu_baseline/*/focal_hf"}  # other versions to compare with, if there
 BENCH_ARGS=${BENCH_ARGS:---compile}
 mkdir -p "$OUT"
 PYTHON=$(command -v python3 || command -v python)
@@ -75,13 +76,16 @@ echo "== GPU correctness: benchmarks/test_gpu.py, torch.compile (${SECONDS} s)"
 timeout -k 10 120 "$PYTHON" -m pytest -x -v -p no:cacheprovider --tb=short -k compiled benchmarks/test_gpu.py 2>&1 |
     tee "$OUT/test_gpu_compiled.txt" || status=1
 
-echo "== this version against the one in $BASELINE: benchmarks/ablation.py --against (${SECONDS} s)"
-if [ -f "$BASELINE/modeling_focal.py" ]; then
-    timeout -k 10 100 "$PYTHON" benchmarks/ablation.py --device cuda --dtype bf16 --against "$BASELINE" \
-        --modes train-64 infer-128 --steps 10 2>&1 | tee "$OUT/against.txt" || status=1
-else
-    echo "no $BASELINE/modeling_focal.py: skipped"
-fi
+compared=0
+# shellcheck disable=SC2086  # (BASELINES: several folders and patterns)
+for baseline in $BASELINES; do
+    [ -f "$baseline/modeling_focal.py" ] || continue
+    compared=$((compared + 1))
+    echo "== this version against the one in $baseline: benchmarks/ablation.py --against (${SECONDS} s)"
+    timeout -k 10 100 "$PYTHON" benchmarks/ablation.py --device cuda --dtype bf16 --against "$baseline" \
+        --modes train-64 infer-128 --steps 10 2>&1 | tee -a "$OUT/against.txt" || status=1
+done
+((compared)) || echo "== no other version in $BASELINES: no comparison"
 
 left=$((BUDGET_S - SECONDS))
 ((left < 60)) && left=60
