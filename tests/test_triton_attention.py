@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import BENCHMARKS, tiny_config
+from conftest import BENCHMARKS, import_script, tiny_config
 from test_modeling import ATTENTIONS, assert_equals_eager_with_shift
 
 from focal_hf import FocalForImageClassification, FocalImageProcessor, modeling_focal
@@ -150,6 +150,30 @@ def test_gradient_checkpointing_runs_the_kernels_again(triton_attention, monkeyp
     monkeypatch.setattr(modeling_focal, "runs_triton_kernels", runs_everywhere)
     assert_equals_eager_with_shift("focal", "focal_sdpa", (64, 64), torch.float32, checkpointing=True)
     assert len(calls) == 2 * 7
+
+
+def test_launch_cost_calls_run(triton_attention, monkeypatch):
+    # benchmarks/launch_cost.py times these calls on a GPU (a GPU session is short: a script that broke since would
+    # waste it); here each runs once on a CPU block's arguments, the kernels interpreted, but the launch through
+    # triton.autotune, which needs a GPU driver to time the configurations
+    launch_cost = import_script("launch_cost")
+    arguments = []
+    kernel = modeling_focal.triton_gathered_attention
+    monkeypatch.setattr(
+        modeling_focal, "triton_gathered_attention", lambda *args: arguments.append(args) or kernel(*args)
+    )
+    monkeypatch.setattr(modeling_focal, "runs_triton_kernels", runs_everywhere)
+    model = FocalForImageClassification(tiny_config()).train()
+    model(torch.randn(1, 3, 64, 64), labels=torch.tensor([0])).loss.backward()
+    block = tuple(arg.detach().contiguous() if torch.is_tensor(arg) else arg for arg in arguments[0])
+    monkeypatch.setitem(triton_attention._tuned_forward.cache, ("any key",), triton_attention.FORWARD_CONFIGS[0])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls = launch_cost.rows(block)
+    assert len(calls) == 9 and "forward kernel through triton.autotune" in calls
+    for name, call in calls.items():
+        if name != "forward kernel through triton.autotune":
+            host, finished = launch_cost.per_call(call, 1)
+            assert 0 < host <= finished, name
 
 
 @pytest.mark.parametrize("scaling_type", ["fp32", "fp64"])
