@@ -31,15 +31,21 @@ def block_arguments(batch_size: int, stage: int) -> tuple:
     """The arguments of the op's first call in `stage` (1-4) of a Focal-T bf16 training step at `batch_size`, on the
     GPU (detached, contiguous), after one step (which also tunes the kernels)."""
     model = FocalForImageClassification(official_config("focal-tiny")).cuda().train()
+    calls = kernel_arguments(model, torch.randn(batch_size, 3, 224, 224, device="cuda"))
+    return calls[sum(model.config.depths[: stage - 1])]
+
+
+def kernel_arguments(model, pixel_values: torch.Tensor) -> list[tuple]:
+    """The arguments (tensors detached and contiguous) of each call of the Triton op in one bf16-autocast forward and
+    backward pass of `model` on `pixel_values`, in the order of the blocks."""
     op, calls = modeling_focal.triton_gathered_attention, []
     modeling_focal.triton_gathered_attention = lambda *args: calls.append(args) or op(*args)
     try:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            model(torch.randn(batch_size, 3, 224, 224, device="cuda")).logits.float().sum().backward()
+        with torch.autocast(pixel_values.device.type, dtype=torch.bfloat16):
+            model(pixel_values).logits.float().sum().backward()
     finally:
         modeling_focal.triton_gathered_attention = op
-    first = sum(model.config.depths[: stage - 1])
-    return tuple(arg.detach().contiguous() if torch.is_tensor(arg) else arg for arg in calls[first])
+    return [tuple(arg.detach().contiguous() if torch.is_tensor(arg) else arg for arg in args) for args in calls]
 
 
 def per_call(function, calls: int) -> tuple[float, float]:

@@ -157,15 +157,12 @@ def test_launch_cost_calls_run(triton_attention, monkeypatch):
     # waste it); here each runs once on a CPU block's arguments, the kernels interpreted, but the launch through
     # triton.autotune, which needs a GPU driver to time the configurations
     launch_cost = import_script("launch_cost")
-    arguments = []
-    kernel = modeling_focal.triton_gathered_attention
-    monkeypatch.setattr(
-        modeling_focal, "triton_gathered_attention", lambda *args: arguments.append(args) or kernel(*args)
-    )
     monkeypatch.setattr(modeling_focal, "runs_triton_kernels", runs_everywhere)
     model = FocalForImageClassification(tiny_config()).train()
-    model(torch.randn(1, 3, 64, 64), labels=torch.tensor([0])).loss.backward()
-    block = tuple(arg.detach().contiguous() if torch.is_tensor(arg) else arg for arg in arguments[0])
+    arguments = launch_cost.kernel_arguments(model, torch.randn(1, 3, 64, 64))
+    assert len(arguments) == sum(model.config.depths)  # (every block)
+    block = arguments[0]
+    assert block[0].dtype == torch.bfloat16 and not block[0].requires_grad and block[0].is_contiguous()
     monkeypatch.setitem(triton_attention._tuned_forward.cache, ("any key",), triton_attention.FORWARD_CONFIGS[0])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     calls = launch_cost.rows(block)
