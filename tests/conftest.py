@@ -28,9 +28,28 @@ TRANSFORMERS_MARKS = (
 )
 
 
+# what the suite holds at once in the temporary folder (a full-size converted checkpoint and its source, ~0.7 GB, plus
+# torch.compile's cache, ~0.4 GB), with a margin: below it the tests fail by the hundred with ENOSPC, so stop first
+NEEDED_TEMPORARY_SPACE = 2 * 2**30
+
+
 def pytest_configure(config):
     for mark in TRANSFORMERS_MARKS:
         config.addinivalue_line("markers", f"{mark}: a mark of transformers' common tests")
+
+
+def pytest_sessionstart(session):
+    import shutil
+    import tempfile
+
+    folder = Path(session.config.option.basetemp or tempfile.gettempdir())
+    free = shutil.disk_usage(next(path for path in (folder, *folder.parents) if path.exists())).free
+    if free < NEEDED_TEMPORARY_SPACE:
+        pytest.exit(
+            f"the tests need {NEEDED_TEMPORARY_SPACE / 2**30:.0f} GiB free in the temporary folder {folder}, which has "
+            f"{free / 2**30:.1f} GiB: free some space there, or point TMPDIR (or --basetemp) at a disk with room",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
 
 
 @pytest.fixture(autouse=True)
