@@ -1,13 +1,20 @@
 import importlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Triton kernels (benchmarks/triton_attention.py) run on the CPU by Triton's interpreter: set before anything imports
 # triton (transformers does), since Triton reads it when it makes kernels, its own library's included
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# torch.compile's cache: the run's own, deleted when it ends (pytest_sessionfinish), unless one is set. The default
+# folder, shared by every run, grows by ~0.4 GB for each new environment (each CI clone) and is never emptied
+OWN_COMPILE_CACHE = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+if OWN_COMPILE_CACHE:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="focal-hf-tests-torchinductor-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -39,9 +46,6 @@ def pytest_configure(config):
 
 
 def pytest_sessionstart(session):
-    import shutil
-    import tempfile
-
     folder = Path(session.config.option.basetemp or tempfile.gettempdir())
     free = shutil.disk_usage(next(path for path in (folder, *folder.parents) if path.exists())).free
     if free < NEEDED_TEMPORARY_SPACE:
@@ -50,6 +54,11 @@ def pytest_sessionstart(session):
             f"{free / 2**30:.1f} GiB: free some space there, or point TMPDIR (or --basetemp) at a disk with room",
             returncode=pytest.ExitCode.USAGE_ERROR,
         )
+
+
+def pytest_sessionfinish(session):
+    if OWN_COMPILE_CACHE:
+        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
