@@ -87,8 +87,10 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 def import_other_version(package_dir: str):
     """The `focal_hf` package in `package_dir` imported as `focal_hf_other`, its default attention function
     registered as "focal_sdpa_other" (this version's stays "focal_sdpa")."""
+    import atexit
     import importlib
     import os
+    import shutil
     import sys
     import tempfile
 
@@ -99,6 +101,7 @@ def import_other_version(package_dir: str):
     if not os.path.isfile(os.path.join(package_dir, "modeling_focal.py")):
         raise SystemExit(f"--against: expected a focal_hf package folder (with modeling_focal.py), got {package_dir}")
     links = tempfile.mkdtemp(prefix="focal_hf_other_")
+    atexit.register(shutil.rmtree, links, ignore_errors=True)  # (the package may import its modules until then)
     os.symlink(os.path.abspath(package_dir), os.path.join(links, "focal_hf_other"))
     sys.path.insert(0, links)
     other = importlib.import_module("focal_hf_other")

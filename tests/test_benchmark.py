@@ -229,8 +229,11 @@ def test_ablation_against_another_version(tmp_path):
     other = tmp_path / "other" / "focal_hf"
     shutil.copytree(SRC / "focal_hf", other, ignore=shutil.ignore_patterns("__pycache__"))
     args = ["--against", str(other), "--modes", "infer-1", "train-2", "--image-size", "64", "--steps", "2"]
-    result = run_script(*args, "--warmup", "1", script="ablation.py")
+    temporary = tmp_path / "temporary"
+    temporary.mkdir()
+    result = run_script(*args, "--warmup", "1", script="ablation.py", TMPDIR=str(temporary))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert list(temporary.iterdir()) == []  # (the link through which the other version is imported: removed at exit)
     lines = result.stdout.splitlines()
     assert f"this version and the one in {other}" in lines[0]
     assert lines[1].startswith("mode     | this (img/s) | other (img/s) | speed-up of this version")
