@@ -23,12 +23,14 @@
 #    git, so name .gpu_baseline in the device tool's `carry`; rename each one's Triton op, e.g. `sed -i
 #    s/\"triton_gathered_attention\"/\"triton_gathered_attention_old\"/ .gpu_baseline/focal_hf/modeling_focal.py`,
 #    or it runs this version's kernels: ops are registered once per process by name): benchmarks/ablation.py
-#    --against, 100 s each (its speed-up is this version's: below 1, the other version is faster),
+#    --against, 100 s each, for each model of $AGAINST_MODELS (default focal-tiny) (its speed-up is this version's:
+#    below 1, the other version is faster),
 # 7. runs the benchmark against Swin-T (bf16; by default every model at 224 and 448 px, plus torch.compile at 224;
 #    $BENCH_ARGS replaces the models, sizes and modes, e.g. BENCH_ARGS="--models swin-tiny focal-tiny
 #    --image-sizes 224") in what is left of the budget; interrupted, it still prints the table of what it measured.
-# Each step runs under `timeout`; the whole within $BUDGET_S seconds (default 540, under the device tool's 10 minutes
-# a command). Output: $OUT/test_gpu.txt, $OUT/test_gpu_compiled.txt, $OUT/ablation.txt, $OUT/profile.txt,
+# $PARTS picks the steps after the first (default all: "tests profile ablation compiled against bench"), e.g.
+# PARTS="against" to only compare versions in a short session. Each step runs under `timeout`; the whole within
+# $BUDGET_S seconds (default 540, under the device tool's 10 minutes a command). Output: $OUT/test_gpu.txt, $OUT/test_gpu_compiled.txt, $OUT/ablation.txt, $OUT/profile.txt,
 # $OUT/launch_cost.txt, $OUT/against.txt, $OUT/bench.txt, $OUT/bench.json ($OUT defaults to ./gpu-check-output).
 # Exit status non-zero if any step failed.
 set -uo pipefail
@@ -37,6 +39,9 @@ OUT=${OUT:-$PWD/gpu-check-output}
 BUDGET_S=${BUDGET_S:-540}  # the whole script, seconds
 BASELINES=${BASELINES:-".gpu_baseline/focal_hf .gpu_baseline/*/focal_hf"}  # other versions to compare with, if there
 BENCH_ARGS=${BENCH_ARGS:---compile}
+PARTS=" ${PARTS:-tests profile ablation compiled against bench} "
+AGAINST_MODELS=${AGAINST_MODELS:-focal-tiny}
+part() { [[ "$PARTS" == *" $1 "* ]]; }
 mkdir -p "$OUT"
 PYTHON=$(command -v python3 || command -v python)
 status=0
@@ -59,40 +64,54 @@ print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), Triton {triton.__
       transformers.__version__, '|', gpu, '| focal_hf from', focal_hf.__file__, kernels, 'Triton kernels')" ||
     status=1
 
-echo "== GPU correctness: benchmarks/test_gpu.py, all but torch.compile (${SECONDS} s)"
-timeout -k 10 150 "$PYTHON" -m pytest -x -v -p no:cacheprovider --tb=short -k "not compiled" benchmarks/test_gpu.py \
-    2>&1 | tee "$OUT/test_gpu.txt" || status=1
+if part tests; then
+    echo "== GPU correctness: benchmarks/test_gpu.py, all but torch.compile (${SECONDS} s)"
+    timeout -k 10 150 "$PYTHON" -m pytest -x -v -p no:cacheprovider --tb=short -k "not compiled" \
+        benchmarks/test_gpu.py 2>&1 | tee "$OUT/test_gpu.txt" || status=1
+fi
 
-echo "== where a training step and inference go: benchmarks/profile_gpu.py (${SECONDS} s)"
-timeout -k 10 90 "$PYTHON" benchmarks/profile_gpu.py --modes train-64 infer-1 --rows 30 2>&1 |
-    tee "$OUT/profile.txt" || status=1
-timeout -k 10 60 "$PYTHON" benchmarks/launch_cost.py 2>&1 | tee "$OUT/launch_cost.txt" || status=1
+if part profile; then
+    echo "== where a training step and inference go: benchmarks/profile_gpu.py (${SECONDS} s)"
+    timeout -k 10 90 "$PYTHON" benchmarks/profile_gpu.py --modes train-64 infer-1 --rows 30 2>&1 |
+        tee "$OUT/profile.txt" || status=1
+    timeout -k 10 60 "$PYTHON" benchmarks/launch_cost.py 2>&1 | tee "$OUT/launch_cost.txt" || status=1
+fi
 
-echo "== what the Triton kernels are worth: benchmarks/ablation.py --without triton-kernels (${SECONDS} s)"
-timeout -k 10 120 "$PYTHON" benchmarks/ablation.py --device cuda --dtype bf16 --without triton-kernels \
-    --modes train-64 infer-128 --steps 10 2>&1 | tee "$OUT/ablation.txt" || status=1
+if part ablation; then
+    echo "== what the Triton kernels are worth: benchmarks/ablation.py --without triton-kernels (${SECONDS} s)"
+    timeout -k 10 120 "$PYTHON" benchmarks/ablation.py --device cuda --dtype bf16 --without triton-kernels \
+        --modes train-64 infer-128 --steps 10 2>&1 | tee "$OUT/ablation.txt" || status=1
+fi
 
-echo "== GPU correctness: benchmarks/test_gpu.py, torch.compile (${SECONDS} s)"
-timeout -k 10 120 "$PYTHON" -m pytest -x -v -p no:cacheprovider --tb=short -k compiled benchmarks/test_gpu.py 2>&1 |
-    tee "$OUT/test_gpu_compiled.txt" || status=1
+if part compiled; then
+    echo "== GPU correctness: benchmarks/test_gpu.py, torch.compile (${SECONDS} s)"
+    timeout -k 10 120 "$PYTHON" -m pytest -x -v -p no:cacheprovider --tb=short -k compiled benchmarks/test_gpu.py \
+        2>&1 | tee "$OUT/test_gpu_compiled.txt" || status=1
+fi
 
-compared=0
-# shellcheck disable=SC2086  # (BASELINES: several folders and patterns)
-for baseline in $BASELINES; do
-    [ -f "$baseline/modeling_focal.py" ] || continue
-    compared=$((compared + 1))
-    echo "== this version against the one in $baseline: benchmarks/ablation.py --against (${SECONDS} s)"
-    timeout -k 10 100 "$PYTHON" benchmarks/ablation.py --device cuda --dtype bf16 --against "$baseline" \
-        --modes train-64 infer-128 --steps 10 2>&1 | tee -a "$OUT/against.txt" || status=1
-done
-((compared)) || echo "== no other version in $BASELINES: no comparison"
+if part against; then
+    compared=0
+    # shellcheck disable=SC2086  # (BASELINES: several folders and patterns; AGAINST_MODELS: several models)
+    for baseline in $BASELINES; do
+        [ -f "$baseline/modeling_focal.py" ] || continue
+        compared=$((compared + 1))
+        for model in $AGAINST_MODELS; do
+            echo "== this version against the one in $baseline, $model: benchmarks/ablation.py --against (${SECONDS} s)"
+            timeout -k 10 100 "$PYTHON" benchmarks/ablation.py --device cuda --dtype bf16 --against "$baseline" \
+                --model "$model" --modes train-64 infer-128 --steps 10 2>&1 | tee -a "$OUT/against.txt" || status=1
+        done
+    done
+    ((compared)) || echo "== no other version in $BASELINES: no comparison"
+fi
 
-left=$((BUDGET_S - SECONDS))
-((left < 60)) && left=60
-echo "== benchmark ${BENCH_ARGS} (${SECONDS} s, ${left} s for it)"
-# shellcheck disable=SC2086  # (BENCH_ARGS: several arguments)
-timeout -s TERM -k 20 "$left" "$PYTHON" benchmarks/benchmark.py --device cuda --dtype bf16 $BENCH_ARGS \
-    --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" || status=1
+if part bench; then
+    left=$((BUDGET_S - SECONDS))
+    ((left < 60)) && left=60
+    echo "== benchmark ${BENCH_ARGS} (${SECONDS} s, ${left} s for it)"
+    # shellcheck disable=SC2086  # (BENCH_ARGS: several arguments)
+    timeout -s TERM -k 20 "$left" "$PYTHON" benchmarks/benchmark.py --device cuda --dtype bf16 $BENCH_ARGS \
+        --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" || status=1
+fi
 
 echo "== done in ${SECONDS} s, status ${status}"
 exit "$status"
