@@ -10,11 +10,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Triton kernels (benchmarks/triton_attention.py) run on the CPU by Triton's interpreter: set before anything imports
 # triton (transformers does), since Triton reads it when it makes kernels, its own library's included
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# torch.compile's cache: the run's own, deleted when it ends (pytest_sessionfinish), unless one is set. The default
-# folder, shared by every run, grows by ~0.4 GB for each new environment (each CI clone) and is never emptied
-OWN_COMPILE_CACHE = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
-if OWN_COMPILE_CACHE:
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="focal-hf-tests-torchinductor-")
+
+from transformers_sdist import cache_root  # noqa: E402
+
+# torch.compile's cache, unless one is set: kept between runs in the tests' cache folder (warm, the slowest compiled
+# test took 90 s instead of 244, run from another clone), and emptied when a run starts with more than this in it
+# (each new clone or environment adds up to ~0.4 GB; torch's default folder, in /tmp, is never emptied)
+COMPILE_CACHE_LIMIT = 2 * 2**30
+
+
+def emptied_if_over(folder: Path, limit: int) -> Path:
+    """`folder`, deleted first if its files hold more than `limit` bytes."""
+    if sum(file.stat().st_size for file in folder.rglob("*") if file.is_file()) > limit:
+        shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(emptied_if_over(cache_root() / "torchinductor", COMPILE_CACHE_LIMIT))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -35,8 +48,8 @@ TRANSFORMERS_MARKS = (
 )
 
 
-# what the suite holds at once in the temporary folder (a full-size converted checkpoint and its source, ~0.7 GB, plus
-# torch.compile's cache, ~0.4 GB), with a margin: below it the tests fail by the hundred with ENOSPC, so stop first
+# what the suite holds at once in the temporary folder (a full-size converted checkpoint and its source, ~0.7 GB), with
+# a margin: below it the tests fail by the hundred with ENOSPC, so stop first
 NEEDED_TEMPORARY_SPACE = 2 * 2**30
 
 
@@ -45,20 +58,21 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{mark}: a mark of transformers' common tests")
 
 
+def lack_of_space(folder: Path, needed: int) -> str | None:
+    """What to tell when the disk of `folder` (which may not exist yet) has less than `needed` bytes free."""
+    free = shutil.disk_usage(next(path for path in (folder, *folder.parents) if path.exists())).free
+    if free < needed:
+        return (
+            f"the tests need {needed / 2**30:.0f} GiB free in the temporary folder {folder}, which has "
+            f"{free / 2**30:.1f} GiB: free some space there, or point TMPDIR (or --basetemp) at a disk with room"
+        )
+    return None
+
+
 def pytest_sessionstart(session):
     folder = Path(session.config.option.basetemp or tempfile.gettempdir())
-    free = shutil.disk_usage(next(path for path in (folder, *folder.parents) if path.exists())).free
-    if free < NEEDED_TEMPORARY_SPACE:
-        pytest.exit(
-            f"the tests need {NEEDED_TEMPORARY_SPACE / 2**30:.0f} GiB free in the temporary folder {folder}, which has "
-            f"{free / 2**30:.1f} GiB: free some space there, or point TMPDIR (or --basetemp) at a disk with room",
-            returncode=pytest.ExitCode.USAGE_ERROR,
-        )
-
-
-def pytest_sessionfinish(session):
-    if OWN_COMPILE_CACHE:
-        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+    if message := lack_of_space(folder, NEEDED_TEMPORARY_SPACE):
+        pytest.exit(message, returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.fixture(autouse=True)
