@@ -31,6 +31,13 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch._inductor import codecache  # noqa: E402
+
+# inductor's precompiled C++ headers (~0.15 GB each, a set for each environment: keyed by the compiler's command line)
+# go to torch's default cache folder in /tmp whatever TORCHINDUCTOR_CACHE_DIR says (`_HEADER_DIR`, set at import):
+# into the compile cache above instead, whose size COMPILE_CACHE_LIMIT bounds
+codecache._HEADER_DIR = os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "precompiled_headers")
+codecache._HEADER_LOCK_DIR = os.path.join(codecache._HEADER_DIR, "locks")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"

@@ -5,8 +5,6 @@ graph, a training step compiled by inductor, a mixed-precision step compiled who
 Tiny four-stage models with shifted windows, both attention types; each model and its exported program (also the
 ONNX test's source) are built once per attention type: tracing is the slow part."""
 
-import os
-
 import onnxruntime
 import pytest
 import torch
@@ -98,20 +96,13 @@ def test_export_warns_when_the_example_makes_a_stage_one_window_wide(caplog):
     assert not caplog.text
 
 
-def test_aoti_package_exported_at_twice_the_configured_size_serves_every_size(tmp_path, monkeypatch):
+def test_aoti_package_exported_at_twice_the_configured_size_serves_every_size(tmp_path):
     # AOTInductor compiles the exported program into a C++ package. From an example at which every stage is at least
     # two windows wide and high (here 128 px: maps of 32, 16, 8 and 4 tokens, windows of 4, 4, 4 and 2) its outputs
     # equal the eager model's at every size, also where a stage is one window wide; exported at 64 px, the model's own
     # size, it gave NaN at other sizes. Focal attention only, and compiled without vectorisation, whose tiling
     # simplifies the symbolic indices for minutes on 2 cores (Focal-fast: 4 minutes; checked by hand, as Focal-T
     # exported at 448 px and vectorised); the index arithmetic that went wrong is the same.
-    # Its precompiled C++ headers (~0.4 GB for each environment) go to torch's default cache folder in /tmp whatever
-    # TORCHINDUCTOR_CACHE_DIR says: into the tests' compile cache instead, whose size conftest bounds
-    from torch._inductor import codecache
-
-    headers = os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "precompiled_headers")
-    monkeypatch.setattr(codecache, "_HEADER_DIR", headers)
-    monkeypatch.setattr(codecache, "_HEADER_LOCK_DIR", os.path.join(headers, "locks"))
     torch.manual_seed(0)
     model = FocalForImageClassification(tiny_config(depths=[2, 1, 1, 1], use_shift=True)).eval()
     with torch.no_grad():
