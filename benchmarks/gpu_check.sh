@@ -30,8 +30,9 @@
 #    --image-sizes 224") in what is left of the budget; interrupted, it still prints the table of what it measured.
 # $PARTS picks the steps after the first (default all: "tests profile ablation compiled against bench"), e.g.
 # PARTS="against" to only compare versions in a short session. Each step runs under `timeout`; the whole within
-# $BUDGET_S seconds (default 540, under the device tool's 10 minutes a command). Output: $OUT/test_gpu.txt, $OUT/test_gpu_compiled.txt, $OUT/ablation.txt, $OUT/profile.txt,
-# $OUT/launch_cost.txt, $OUT/against.txt, $OUT/bench.txt, $OUT/bench.json ($OUT defaults to ./gpu-check-output).
+# $BUDGET_S seconds (default 540, under the device tool's 10 minutes a command). Output: $OUT/test_gpu.txt,
+# $OUT/test_gpu_compiled.txt, $OUT/ablation.txt, $OUT/profile.txt, $OUT/launch_cost.txt, $OUT/against.txt,
+# $OUT/bench.txt, $OUT/bench.json ($OUT defaults to ./gpu-check-output).
 # Exit status non-zero if any step failed.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
