@@ -553,7 +553,7 @@ def main(args: list[str] | None = None) -> dict:
     id2label = load_id2label(data_args)
     model, image_processor = load_model(model_args, data_args, id2label)
     if getattr(training_args, "activation_checkpointing", None) or training_args.gradient_checkpointing:
-        # the Trainer would call model.gradient_checkpointing_enable(), which UperNet refuses: checkpoint the backbone
+        # the Trainer would enable checkpointing on the whole model, which UperNet refuses: checkpoint the backbone
         checkpointing_kwargs = getattr(training_args, "activation_checkpointing_kwargs", None)
         enable_gradient_checkpointing(model, checkpointing_kwargs or training_args.gradient_checkpointing_kwargs)
         for name in ("activation_checkpointing", "gradient_checkpointing"):  # the new name and its deprecated alias

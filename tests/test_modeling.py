@@ -296,7 +296,7 @@ def assert_equals_eager_with_shift(attention_type, attn_implementation, size, dt
     other = make(FocalForImageClassification, attention_type, attn_implementation=attn_implementation, **overrides)
     other.train().load_state_dict(eager.state_dict())
     if checkpointing:
-        other.gradient_checkpointing_enable()
+        other.activation_checkpointing_enable()
     eager, other = eager.to(dtype), other.to(dtype)
     pixel_values, labels = torch.randn(2, 3, *size, dtype=dtype), torch.tensor([0, 4])
     results = []
