@@ -226,18 +226,21 @@ def _gradients(model, pixel_values, labels):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("every_n_layers", [1, 2])
 @pytest.mark.parametrize("attention_type", ATTENTIONS)
-def test_gradient_checkpointing_gives_the_same_gradients(attention_type):
+def test_gradient_checkpointing_gives_the_same_gradients(attention_type, every_n_layers):
     model = make(FocalForImageClassification, attention_type).train()
     pixel_values, labels = torch.randn(2, 3, 64, 64), torch.tensor([1, 3])
     reference = _gradients(model, pixel_values, labels)
-    model.activation_checkpointing_enable()
+    model.activation_checkpointing_enable(every_n_layers=every_n_layers)
     assert model.is_activation_checkpointing
-    block = model.focal.encoder.layers[2].blocks[1]
-    calls = []
-    block.attention.register_forward_hook(lambda *args: calls.append(1))
+    blocks = [block for stage in model.focal.encoder.layers for block in stage.blocks]
+    calls = [0] * len(blocks)
+    for index, block in enumerate(blocks):
+        block.attention.register_forward_hook(lambda *args, index=index: calls.__setitem__(index, calls[index] + 1))
     checkpointed = _gradients(model, pixel_values, labels)
-    assert len(calls) == 2  # each block runs once more in backward, and only once more
+    # each checkpointed block (every n-th, counting blocks across stages) runs once more in backward, only once more
+    assert calls == [2 if index % every_n_layers == 0 else 1 for index in range(len(blocks))]
     assert reference.keys() == checkpointed.keys() and len(reference) == len(list(model.parameters()))
     for name in reference:
         torch.testing.assert_close(checkpointed[name], reference[name], atol=1e-6, rtol=1e-5)
