@@ -4,8 +4,9 @@
 
 The heads build their backbone from `config.backbone_config` with `AutoBackbone.from_config`, so a `FocalConfig` with
 `out_features` is all they need. What transformers v5 no longer does for them is load pretrained backbone weights
-(`use_pretrained_backbone` is gone), and UperNet and Mask2Former refuse `gradient_checkpointing_enable()`; these
-helpers do both:
+(`use_pretrained_backbone` is gone), and UperNet and Mask2Former refuse activation checkpointing
+(`activation_checkpointing_enable()`, before transformers 5.23 `gradient_checkpointing_enable()`); these helpers do
+both:
 
 ```python
 >>> from transformers import UperNetConfig, UperNetForSemanticSegmentation
@@ -101,8 +102,8 @@ def enable_gradient_checkpointing(
     """Recompute activations in backward: on the whole model where it supports it (DETR: its own layers too), else
     (UperNet, Mask2Former, whose classes say they do not) on its Focal backbone. Returns the module it was enabled on.
 
-    Use this instead of the Trainer's `--gradient_checkpointing`, which calls `model.gradient_checkpointing_enable()`
-    and so fails for UperNet and Mask2Former.
+    Use this instead of the Trainer's `--activation_checkpointing` (before transformers 5.23
+    `--gradient_checkpointing`), which enables it on the whole model and so fails for UperNet and Mask2Former.
     """
     target = model if getattr(model, "supports_gradient_checkpointing", False) else find_focal_backbone(model)
     enable = getattr(target, "activation_checkpointing_enable", None)
