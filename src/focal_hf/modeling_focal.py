@@ -827,7 +827,9 @@ def folded_sdpa_attention(
     pass: their sources `key` and `value` are, and they are gathered again when the backward pass needs them
     (`RegatheredKeys`; under `torch.compile`, the same by selective activation checkpointing, `recompute_folding`).
     A bf16 training step of Focal-T at batch 64 then holds an estimated 1.05x Swin-T's memory instead of 1.30x
-    (`benchmarks/gpu_memory.py`)."""
+    (`benchmarks/gpu_memory.py`). Where saved-tensor hooks are already in force (activation checkpointing, which
+    keeps none of the block's tensors, or offloading them to the CPU), those decide instead
+    (`outer_saved_tensors_hooks`)."""
     if torch.is_grad_enabled() and torch.compiler.is_compiling() and not is_exporting():
         return checkpoint(
             _folded_sdpa,
@@ -847,13 +849,23 @@ def folded_sdpa_attention(
 def _folded_sdpa(query, key, value, key_index, bias, scaling, dropout):
     num_heads = bias.shape[1]
     folded_query, folded_key, folded_value, folded_bias = fold_windows(query, key, value, key_index, bias)
-    regather = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    regather = torch.is_grad_enabled() and not torch.compiler.is_compiling() and not outer_saved_tensors_hooks()
     hooks = RegatheredKeys((folded_key, folded_value), (key, value), key_index, num_heads) if regather else None
     with hooks or contextlib.nullcontext():
         output = F.scaled_dot_product_attention(
             folded_query, folded_key, folded_value, attn_mask=folded_bias, dropout_p=dropout, scale=scaling
         )
     return unfold_windows(output.transpose(1, 2), num_heads)
+
+
+def outer_saved_tensors_hooks() -> bool:
+    """Whether saved-tensor hooks are in force here: `torch.utils.checkpoint` (transformers' activation
+    checkpointing), `torch.autograd.graph.save_on_cpu` (its `offload=True`) or any other. Hooks entered inside them
+    replace them for what is saved there (PyTorch applies only the innermost), so `RegatheredKeys` would keep the
+    attention's saved tensors that a checkpoint would have dropped. Read through a private function of PyTorch
+    (from 2.8); before that the answer is False."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
 
 
 class RegatheredKeys(torch.autograd.graph.saved_tensors_hooks):
