@@ -99,7 +99,7 @@ if part against; then
         for model in $AGAINST_MODELS; do
             echo "== this version against the one in $baseline, $model: benchmarks/ablation.py --against (${SECONDS} s)"
             timeout -k 10 100 "$PYTHON" benchmarks/ablation.py --device cuda --dtype bf16 --against "$baseline" \
-                --model "$model" --modes train-64 infer-128 --steps 10 2>&1 | tee -a "$OUT/against.txt" || status=1
+                --model "$model" --modes train-64 infer-128 --steps 30 2>&1 | tee -a "$OUT/against.txt" || status=1
         done
     done
     ((compared)) || echo "== no other version in $BASELINES: no comparison"
