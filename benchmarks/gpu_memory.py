@@ -5,6 +5,7 @@
     python benchmarks/gpu_memory.py --without regathered-keys       # the gathered keys kept for the backward pass
     python benchmarks/gpu_memory.py --traffic                       # the bytes read and written instead (GB)
     python benchmarks/gpu_memory.py --traffic --without triton-kernels  # focal_sdpa's GPU path without its kernels
+    python benchmarks/gpu_memory.py --checkpointing --without triton-kernels  # with activation checkpointing
 
 Each model runs one training step as `benchmark.py --device cuda --dtype bf16` does (forward under bf16 autocast,
 backward, AdamW; after one step that creates the optimizer state) on PyTorch's meta device: tensors with shapes and
@@ -30,6 +31,7 @@ the backward pass, as 8e5f233 does), batch 64, estimated against measured MiB: 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 
 import torch
@@ -168,11 +170,27 @@ def training_step_traffic(model: torch.nn.Module, batch_size: int, image_size: i
     return traffic.bytes
 
 
-def estimate(name: str, batch_size: int, image_size: int, without: tuple[str, ...] = (), measure=training_step_peak):
+def estimate(
+    name: str,
+    batch_size: int,
+    image_size: int,
+    without: tuple[str, ...] = (),
+    measure=training_step_peak,
+    checkpointing: bool = False,
+):
     """`measure` (`training_step_peak` or `training_step_traffic`) of a `benchmark.py` model (Focal models without the
-    mechanisms named in `without`) on the meta device, SDPA and focal_sdpa as on a CUDA GPU."""
+    mechanisms named in `without`; with activation checkpointing if asked) on the meta device, SDPA and focal_sdpa as
+    on a CUDA GPU."""
     with torch.device("meta"):
         model = build_model(name, image_size, without=without)
+    if checkpointing:
+        # the checkpoint runs each block again in the backward pass under the autocast state of its forward pass;
+        # the stand-in, a function mode, is not active in the backward pass: the recomputation enters it
+        recompute_under_autocast = {
+            "use_reentrant": False,
+            "context_fn": lambda: (contextlib.nullcontext(), Autocast()),
+        }
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=recompute_under_autocast)
     sdpa, triton_runs_on = F.scaled_dot_product_attention, modeling_focal.triton_runs_on
     F.scaled_dot_product_attention = memory_efficient_sdpa
     modeling_focal.triton_runs_on = lambda tensor: tensor.is_meta  # (the meta device as an NVIDIA GPU from Ampere)
@@ -199,6 +217,11 @@ def main():
         action="store_true",
         help="estimate the bytes the step's operators read and write (GB) instead of its peak memory",
     )
+    parser.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="with activation checkpointing (`activation_checkpointing_enable()`: each block run again in backward)",
+    )
     parser.add_argument("--json", help="also write the estimates (MiB, or GB with --traffic) to this JSON file")
     args = parser.parse_args()
     models = [REFERENCE] + [name for name in args.models if name != REFERENCE]
@@ -213,16 +236,30 @@ def main():
         f"estimated {'memory traffic' if args.traffic else 'peak memory'} of a bf16 training step on a CUDA GPU, batch "
         f"{args.batch_size} ({unit})"
         + (f"; Focal models without {', '.join(without)}" if without else "")
+        + ("; activation checkpointing" if args.checkpointing else "")
         + ("" if modeling_focal.triton_gathered_attention else "; without Triton (focal_sdpa without its kernels)")
     )
     print("| model | " + " | ".join(f"{size} px" for size in args.image_sizes) + " |")
     print("| --- |" + " --- |" * len(args.image_sizes))
-    reference = {size: estimate(REFERENCE, args.batch_size, size, measure=measure) for size in args.image_sizes}
+    checkpointing = args.checkpointing
+    reference = {
+        size: estimate(REFERENCE, args.batch_size, size, (), measure, checkpointing) for size in args.image_sizes
+    }
     for name in models:
         cells = []
         for size in args.image_sizes:
-            figure = reference[size] if name == REFERENCE else estimate(name, args.batch_size, size, without, measure)
-            result = {"model": name, "image_size": size, "batch_size": args.batch_size, "without": list(without)}
+            figure = (
+                reference[size]
+                if name == REFERENCE
+                else estimate(name, args.batch_size, size, without, measure, checkpointing)
+            )
+            result = {
+                "model": name,
+                "image_size": size,
+                "batch_size": args.batch_size,
+                "without": list(without),
+                "checkpointing": checkpointing,
+            }
             results.append({**result, key: figure / scale})
             cells.append(f"{figure / scale:,.{1 if args.traffic else 0}f} ({figure / reference[size]:.2f}x)")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
