@@ -285,26 +285,29 @@ AttentionInterface.register("focal_sdpa_off_the_cpu", focal_sdpa_off_the_cpu)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "size, checkpointing", [((64, 64), False), ((80, 48), False), ((80, 48), True), ((80, 48), "offload")]
+    "size, checkpointing, offload",
+    [((64, 64), False, False), ((80, 48), False, False), ((80, 48), True, False), ((80, 48), False, True)],
 )
 @pytest.mark.parametrize("attention_type", ATTENTIONS)
-def test_folded_attention_equals_eager_with_shift(attention_type, size, checkpointing, dtype):
+def test_folded_attention_equals_eager_with_shift(attention_type, size, checkpointing, offload, dtype):
     # the path of every non-CPU device: one attention call with the windows folded into the heads and one bias
     # broadcast over the batch, the folding recomputed in the backward pass (also inside gradient checkpointing, and
     # where saved tensors are offloaded to the CPU)
-    assert_equals_eager_with_shift(attention_type, "focal_sdpa_off_the_cpu", size, dtype, checkpointing)
+    assert_equals_eager_with_shift(attention_type, "focal_sdpa_off_the_cpu", size, dtype, checkpointing, offload)
 
 
-def assert_equals_eager_with_shift(attention_type, attn_implementation, size, dtype, checkpointing=False):
-    """A tiny model with shifted windows run with `attn_implementation` (gradient checkpointing on if asked; with
-    "offload", the saved tensors offloaded by `torch.autograd.graph.save_on_cpu` instead) gives the logits and the
-    gradients of the input and of every parameter that the same model gives with eager attention: in float32 within
-    1e-5, in bfloat16 within the usual tolerance."""
+def assert_equals_eager_with_shift(
+    attention_type, attn_implementation, size, dtype, checkpointing=False, offload=False
+):
+    """A tiny model with shifted windows run with `attn_implementation` (gradient checkpointing on if asked; its saved
+    tensors offloaded by `torch.autograd.graph.save_on_cpu` if asked) gives the logits and the gradients of the input
+    and of every parameter that the same model gives with eager attention: in float32 within 1e-5, in bfloat16 within
+    the usual tolerance."""
     overrides = dict(use_shift=True, depths=[2, 2, 2, 1])
     eager = make(FocalForImageClassification, attention_type, attn_implementation="eager", **overrides).train()
     other = make(FocalForImageClassification, attention_type, attn_implementation=attn_implementation, **overrides)
     other.train().load_state_dict(eager.state_dict())
-    if checkpointing is True:
+    if checkpointing:
         other.activation_checkpointing_enable()
     eager, other = eager.to(dtype), other.to(dtype)
     pixel_values, labels = torch.randn(2, 3, *size, dtype=dtype), torch.tensor([0, 4])
@@ -312,8 +315,7 @@ def assert_equals_eager_with_shift(attention_type, attn_implementation, size, dt
     for model in (eager, other):
         model.zero_grad()
         inputs = pixel_values.clone().requires_grad_()
-        offloading = checkpointing == "offload" and model is other
-        with torch.autograd.graph.save_on_cpu() if offloading else contextlib.nullcontext():
+        with torch.autograd.graph.save_on_cpu() if offload and model is other else contextlib.nullcontext():
             output = model(inputs, labels=labels)
         output.loss.backward()
         gradients = {name: p.grad.float() for name, p in model.named_parameters()}
