@@ -120,6 +120,24 @@ def test_outputs_and_shapes(attention_type):
     torch.testing.assert_close(attentions.sum(-1), torch.ones(attentions.shape[:-1]))
 
 
+def test_attention_weights_need_eager_attention_and_the_default_says_so(caplog):
+    # as transformers' own "sdpa": the default attention computes no weights, warns once and leaves them empty
+    import logging
+
+    model = make(FocalModel)
+    assert model.config._attn_implementation == "focal_sdpa"
+    pixel_values = torch.randn(1, 3, 64, 64)
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        plain = model(pixel_values)
+        assert caplog.text == ""
+        outputs = model(pixel_values, output_attentions=True)
+    assert outputs.attentions == ()
+    torch.testing.assert_close(outputs.last_hidden_state, plain.last_hidden_state, atol=0, rtol=0)
+    assert caplog.text.count("`focal_sdpa` attention does not support `output_attentions=True`") == 1
+    assert 'attn_implementation="eager"' in caplog.text
+
+
 @pytest.mark.parametrize("attention_type", ATTENTIONS)
 @pytest.mark.parametrize("size", ODD_SIZES)
 def test_any_input_size_runs_every_head(attention_type, size):

@@ -802,7 +802,15 @@ def focal_sdpa_attention(
     materialised, one bias gradient summed over the batch); elsewhere, and while `torch.export` traces the model (so
     that exported programs hold only standard operators), one `torch.nn.functional.scaled_dot_product_attention`
     call with the windows folded into the head dimension (`folded_sdpa_attention`).
+
+    Like transformers' `sdpa`, it computes no attention weights: with `output_attentions=True` it warns once and the
+    model's `attentions` stay empty (`attn_implementation="eager"` gives them).
     """
+    if kwargs.get("output_attentions", False):
+        logger.warning_once(
+            "`focal_sdpa` attention does not support `output_attentions=True`: no attention weights are returned."
+            ' Load the model with `attn_implementation="eager"` for them.'
+        )
     num_heads = attention_mask.shape[1]
     if runs_triton_kernels(query, dropout):
         return triton_gathered_attention(query, key, value, attention_mask, key_index, num_heads, scaling)[0], None
