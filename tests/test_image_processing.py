@@ -38,6 +38,25 @@ def test_save_load_and_auto(tmp_path):
     torch.testing.assert_close(loaded(image, return_tensors="pt").pixel_values, OFFICIAL["flower"], rtol=0, atol=0)
 
 
+def test_auto_gives_the_pil_processor_where_torchvision_is_installed(tmp_path, monkeypatch, caplog):
+    # torchvision does not import beside this torch, so transformers' check for it is what is replaced: with it,
+    # AutoImageProcessor asks for a torchvision processor first, falls back to ours (logging it, as the README says),
+    # and backend="pil" asks for ours directly
+    import logging
+
+    from transformers.models.auto import image_processing_auto
+
+    monkeypatch.setattr(image_processing_auto, "is_torchvision_available", lambda: True)
+    FocalConfig().save_pretrained(tmp_path)
+    FocalImageProcessor().save_pretrained(tmp_path)
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        assert type(AutoImageProcessor.from_pretrained(tmp_path, backend="pil")) is FocalImageProcessor
+        assert caplog.text == ""
+        assert type(AutoImageProcessor.from_pretrained(tmp_path)) is FocalImageProcessor
+    assert "Requested torchvision backend is not available. Falling back to pil backend." in caplog.text
+
+
 def test_small_images_are_padded_not_rounded():
     image = Image.new("RGB", (20, 10), color=(255, 0, 0))
     processor = FocalImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 12, "width": 12})
