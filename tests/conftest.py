@@ -32,6 +32,9 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch._inductor import codecache  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
+
+STARTING_VERBOSITY = transformers_logging.get_verbosity()
 
 # inductor's precompiled C++ headers (~0.15 GB each, a set for each environment: keyed by the compiler's command line)
 # go to torch's default cache folder in /tmp whatever TORCHINDUCTOR_CACHE_DIR says (`_HEADER_DIR`, set at import):
@@ -85,6 +88,14 @@ def pytest_sessionstart(session):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _transformers_verbosity():
+    """Each test starts at the verbosity the run started with: the examples, run in-process, set their log level
+    (INFO), which would otherwise carry over to every later test's logging."""
+    yield
+    transformers_logging.set_verbosity(STARTING_VERBOSITY)
 
 
 def import_script(name: str):
