@@ -141,6 +141,11 @@ def test_attention_weights_need_eager_attention_and_the_default_says_so(caplog):
     [warning] = warnings_logged()  # once, for all its blocks
     assert "`focal_sdpa` attention does not support `output_attentions=True`" in warning
     assert 'attn_implementation="eager"' in warning
+    # compiled whole, the warning is not traced (it would break the graph)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert compiled(pixel_values, output_attentions=True).attentions == ()
 
 
 @pytest.mark.parametrize("attention_type", ATTENTIONS)

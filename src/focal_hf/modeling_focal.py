@@ -804,9 +804,10 @@ def focal_sdpa_attention(
     call with the windows folded into the head dimension (`folded_sdpa_attention`).
 
     Like transformers' `sdpa`, it computes no attention weights: with `output_attentions=True` it warns once and the
-    model's `attentions` stay empty (`attn_implementation="eager"` gives them).
+    model's `attentions` stay empty (`attn_implementation="eager"` gives them); in eager mode only (the warning
+    would break a compiled graph).
     """
-    if kwargs.get("output_attentions", False):
+    if kwargs.get("output_attentions", False) and not torch.compiler.is_compiling():
         logger.warning_once(
             "`focal_sdpa` attention does not support `output_attentions=True`: no attention weights are returned."
             ' Load the model with `attn_implementation="eager"` for them.'
