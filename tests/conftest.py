@@ -1,5 +1,6 @@
 import importlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -96,6 +97,15 @@ def _transformers_verbosity():
     (INFO), which would otherwise carry over to every later test's logging."""
     yield
     transformers_logging.set_verbosity(STARTING_VERBOSITY)
+
+
+@pytest.fixture
+def logged_warnings(caplog):
+    """A function giving the messages of the warnings (and worse) that `caplog` has caught so far in the test; with
+    transformers' `warning_once` (`logging.Logger.warning_once`) forgotten first, so that a warning another test
+    logged is logged again here."""
+    logging.Logger.warning_once.cache_clear()
+    return lambda: [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
 
 
 def import_script(name: str):

@@ -1,5 +1,7 @@
 """The image processor reproduces the official evaluation transform exactly, and round-trips through the Hub format."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor
 from transformers.image_utils import PILImageResampling
+from transformers.models.auto import image_processing_auto
 from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 
 from focal_hf import FocalConfig, FocalImageProcessor, image_processor_from_original
@@ -38,27 +41,18 @@ def test_save_load_and_auto(tmp_path):
     torch.testing.assert_close(loaded(image, return_tensors="pt").pixel_values, OFFICIAL["flower"], rtol=0, atol=0)
 
 
-def test_auto_gives_the_pil_processor_where_torchvision_is_installed(tmp_path, monkeypatch, caplog):
+def test_auto_gives_the_pil_processor_where_torchvision_is_installed(tmp_path, monkeypatch, caplog, logged_warnings):
     # torchvision does not import beside this torch, so transformers' check for it is what is replaced: with it,
     # AutoImageProcessor asks for a torchvision processor first, falls back to ours (logging it, as the README says),
     # and backend="pil" asks for ours directly
-    import logging
-
-    from transformers.models.auto import image_processing_auto
-
     monkeypatch.setattr(image_processing_auto, "is_torchvision_available", lambda: True)
     FocalConfig().save_pretrained(tmp_path)
     FocalImageProcessor().save_pretrained(tmp_path)
-    logging.Logger.warning_once.cache_clear()
-
-    def warnings_logged():
-        return [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
-
     with caplog.at_level(logging.WARNING, logger="transformers"):  # (whatever verbosity another test set)
         assert type(AutoImageProcessor.from_pretrained(tmp_path, backend="pil")) is FocalImageProcessor
-        assert warnings_logged() == []
+        assert logged_warnings() == []
         assert type(AutoImageProcessor.from_pretrained(tmp_path)) is FocalImageProcessor
-    assert warnings_logged() == ["Requested torchvision backend is not available. Falling back to pil backend."]
+    assert logged_warnings() == ["Requested torchvision backend is not available. Falling back to pil backend."]
 
 
 def test_small_images_are_padded_not_rounded():

@@ -2,6 +2,7 @@
 batching, gradient checkpointing, SDPA vs eager, bfloat16, losses and the backbone."""
 
 import contextlib
+import logging
 
 import pytest
 import torch
@@ -120,25 +121,18 @@ def test_outputs_and_shapes(attention_type):
     torch.testing.assert_close(attentions.sum(-1), torch.ones(attentions.shape[:-1]))
 
 
-def test_attention_weights_need_eager_attention_and_the_default_says_so(caplog):
+def test_attention_weights_need_eager_attention_and_the_default_says_so(caplog, logged_warnings):
     # as transformers' own "sdpa": the default attention computes no weights, warns once and leaves them empty
-    import logging
-
     model = make(FocalModel)
     assert model.config._attn_implementation == "focal_sdpa"
     pixel_values = torch.randn(1, 3, 64, 64)
-    logging.Logger.warning_once.cache_clear()
-
-    def warnings_logged():
-        return [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
-
     with caplog.at_level(logging.WARNING), torch.no_grad():
         plain = model(pixel_values)
-        assert warnings_logged() == []
+        assert logged_warnings() == []
         outputs = model(pixel_values, output_attentions=True)
     assert outputs.attentions == ()
     torch.testing.assert_close(outputs.last_hidden_state, plain.last_hidden_state, atol=0, rtol=0)
-    [warning] = warnings_logged()  # once, for all its blocks
+    [warning] = logged_warnings()  # once, for all its blocks
     assert "`focal_sdpa` attention does not support `output_attentions=True`" in warning
     assert 'attn_implementation="eager"' in warning
     # compiled whole, the warning is not traced (it would break the graph)
