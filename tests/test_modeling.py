@@ -560,6 +560,19 @@ def test_attention_weights_of_a_registered_function_are_unfolded():
         torch.testing.assert_close(weights, reference, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("attn_implementation", ["flash_attention_2", "flex_attention"])
+def test_attention_kernels_that_cannot_take_a_bias_per_head_are_refused(attn_implementation):
+    # flash attention adds no bias, and transformers' flex_attention reads one mask for every head: a focal window's
+    # bias differs by head, so both are refused (by transformers, at construction and when switched to) rather than
+    # run wrong
+    with pytest.raises(ValueError, match="FocalModel does not support"):
+        make(FocalModel, attn_implementation=attn_implementation)
+    model = make(FocalModel)
+    with pytest.raises(ValueError, match="FocalModel does not support"):
+        model.set_attn_implementation(attn_implementation)
+    assert model.config._attn_implementation == "focal_sdpa"
+
+
 def test_bias_handed_to_the_attention_kernel_does_not_grow_with_the_batch():
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -1121,7 +1121,7 @@ class FocalAttentionBase(nn.Module):
         num_keys)`.
 
         An attention function that gathers the keys itself (`focal_sdpa_attention`) gets the keys' and values'
-        sources; any other (eager, sdpa, flex, or one registered with transformers' `AttentionInterface`) gets one
+        sources; any other (eager, sdpa, or one registered with transformers' `AttentionInterface`) gets one
         call with the windows folded into the head dimension (`fold_windows`)."""
         dropout = self.attention_dropout if self.training else 0.0
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
