@@ -484,6 +484,7 @@ def test_gathered_keys_take_the_layout_of_the_kernels_gradients(monkeypatch):
 def test_compiled_folded_attention_keeps_no_gathered_keys_for_the_backward_pass():
     # under torch.compile the same by selective activation checkpointing: the tensors the compiled forward pass
     # hands to the backward pass are the inputs and the kernel's outputs, not the gathered keys and values
+    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     batch_size, num_windows, num_keys, num_tokens, num_heads, head_dim = 2, 4, 32, 300, 2, 8
@@ -495,10 +496,12 @@ def test_compiled_folded_attention_keeps_no_gathered_keys_for_the_backward_pass(
     def forward_compiler(graph_module, example_inputs):
         outputs = next(node for node in graph_module.graph.nodes if node.op == "output").args[0]
         handed_over.extend(tuple(node.meta["val"].shape) for node in outputs[1:])
-        return graph_module
+        return make_boxed_func(graph_module)
 
     torch._dynamo.reset()
-    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda graph_module, example_inputs: graph_module)
+    backend = aot_autograd(
+        fw_compiler=forward_compiler, bw_compiler=lambda graph_module, example_inputs: make_boxed_func(graph_module)
+    )
     compiled = torch.compile(folded_sdpa_attention, backend=backend, fullgraph=True)
     output = compiled(query, key, value, key_index, bias, 0.25)
     gradients = torch.autograd.grad(output.sum(), (query, key, value))
