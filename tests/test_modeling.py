@@ -541,6 +541,41 @@ def test_cpu_op_is_registered_beside_the_older_signature():
     model(torch.randn(2, 3, 64, 64), labels=torch.tensor([0, 1])).loss.backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_op_passes_torchs_custom_op_checks(dtype):
+    # torch.library.opcheck: the schema (nothing mutated or aliased that it does not declare), the autograd
+    # registration, the fake (meta) implementation against the real one, and AOT dispatch with dynamic shapes; the
+    # inputs have masked (-inf) keys and an index that repeats tokens within and across windows
+    torch.manual_seed(0)
+    num_windows, num_heads, area, num_keys, num_tokens = 3, 2, 49, 20, 60
+    key_index = torch.randint(0, num_tokens, (num_keys, num_windows)).t()  # stored key by key, as layouts store it
+    query = torch.randn(2, num_windows * area, num_heads * 8, dtype=dtype, requires_grad=True)
+    key, value = (torch.randn(2, num_tokens, num_heads * 8, dtype=dtype, requires_grad=True) for _ in range(2))
+    bias = torch.randn(num_windows, num_heads, area, num_keys, dtype=dtype)
+    bias[..., -3:] = float("-inf")
+    arguments = (query, key, value, bias.requires_grad_(), key_index, num_heads, 0.3)
+    results = torch.library.opcheck(modeling_focal.cpu_gathered_attention, arguments)
+    assert set(results.values()) == {"SUCCESS"} and len(results) == 4, results
+
+
+def test_cpu_op_gradients_equal_finite_differences():
+    # the op's own backward pass against numerical derivatives in float64, for the queries, keys, values and bias
+    torch.manual_seed(0)
+    num_windows, num_heads, area, num_keys, num_tokens = 2, 2, 4, 6, 9
+    key_index = torch.randint(0, num_tokens, (num_keys, num_windows)).t()
+    inputs = (
+        torch.randn(2, num_windows * area, num_heads * 3, dtype=torch.float64, requires_grad=True),
+        torch.randn(2, num_tokens, num_heads * 3, dtype=torch.float64, requires_grad=True),
+        torch.randn(2, num_tokens, num_heads * 3, dtype=torch.float64, requires_grad=True),
+        torch.randn(num_windows, num_heads, area, num_keys, dtype=torch.float64, requires_grad=True),
+    )
+
+    def attention(query, key, value, bias):
+        return modeling_focal.cpu_gathered_attention(query, key, value, bias, key_index, num_heads, 0.3)[0]
+
+    assert torch.autograd.gradcheck(attention, inputs)
+
+
 def test_attention_weights_of_a_registered_function_are_unfolded():
     # a function registered with AttentionInterface that returns its weights in the folded layout it was called
     # with, (batch, windows * heads, queries, keys): the model hands them out as the eager ones,
