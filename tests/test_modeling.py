@@ -543,9 +543,10 @@ def test_cpu_op_is_registered_beside_the_older_signature():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_op_passes_torchs_custom_op_checks(dtype):
-    # torch.library.opcheck: the schema (nothing mutated or aliased that it does not declare), the autograd
-    # registration, the fake (meta) implementation against the real one, and AOT dispatch with dynamic shapes; the
-    # inputs have masked (-inf) keys and an index that repeats tokens within and across windows
+    # torch.library.opcheck of the op and of its backward op (a node of its own under torch.compile): the schema
+    # (nothing mutated or aliased that it does not declare), the autograd registration, the fake (meta)
+    # implementation against the real one, and AOT dispatch with dynamic shapes; the inputs have masked (-inf) keys
+    # and an index that repeats tokens within and across windows
     torch.manual_seed(0)
     num_windows, num_heads, area, num_keys, num_tokens = 3, 2, 49, 20, 60
     key_index = torch.randint(0, num_tokens, (num_keys, num_windows)).t()  # stored key by key, as layouts store it
@@ -555,6 +556,13 @@ def test_cpu_op_passes_torchs_custom_op_checks(dtype):
     bias[..., -3:] = float("-inf")
     arguments = (query, key, value, bias.requires_grad_(), key_index, num_heads, 0.3)
     results = torch.library.opcheck(modeling_focal.cpu_gathered_attention, arguments)
+    assert set(results.values()) == {"SUCCESS"} and len(results) == 4, results
+    with torch.no_grad():
+        output, logsumexp = modeling_focal.cpu_gathered_attention(*arguments)
+    tensors = [tensor.detach() for tensor in (torch.randn_like(output), query, key, value, bias)]
+    arguments = (*tensors, key_index, output, logsumexp, num_heads, 0.3)
+    backward_op = getattr(torch.ops.focal_transformer, f"{modeling_focal.CPU_ATTENTION_OP}_backward")
+    results = torch.library.opcheck(backward_op, arguments)
     assert set(results.values()) == {"SUCCESS"} and len(results) == 4, results
 
 
