@@ -392,6 +392,19 @@ def test_checkpointed_folded_attention_keeps_only_what_checkpointed_eager_attent
     assert activations_kept("focal_sdpa_off_the_cpu", checkpointing=False) > 4 * eager
 
 
+def random_inputs(dtype, batch_size=3, num_windows=4, num_heads=2, head_dim=24, num_tokens=70, num_keys=40, area=49):
+    """query, key, value and bias (all requiring gradients) and a key index stored key by key, as layouts store it;
+    the bias has masked (-inf) keys, and the index repeats tokens within and across windows."""
+    torch.manual_seed(0)
+    query = torch.randn(batch_size, num_windows * area, num_heads * head_dim)
+    key, value = (torch.randn(batch_size, num_tokens, num_heads * head_dim) for _ in range(2))
+    bias = torch.randn(num_windows, num_heads, area, num_keys)
+    bias[..., -5:] = float("-inf")
+    key_index = torch.randint(0, num_tokens, (num_keys, num_windows)).t()
+    tensors = [tensor.to(dtype).requires_grad_() for tensor in (query, key, value, bias)]
+    return *tensors, key_index
+
+
 def folded_attention_inputs(batch_size, num_windows, num_keys, num_tokens, num_heads, head_dim):
     """Random inputs of `folded_sdpa_attention`: key_index, query, key and value (all three requiring gradients) and
     a bias without gradient (so that PyTorch's fused CPU kernel runs)."""
@@ -547,20 +560,14 @@ def test_cpu_op_passes_torchs_custom_op_checks(dtype):
     # (nothing mutated or aliased that it does not declare), the autograd registration, the fake (meta)
     # implementation against the real one, and AOT dispatch with dynamic shapes; the inputs have masked (-inf) keys
     # and an index that repeats tokens within and across windows
-    torch.manual_seed(0)
-    num_windows, num_heads, area, num_keys, num_tokens = 3, 2, 49, 20, 60
-    key_index = torch.randint(0, num_tokens, (num_keys, num_windows)).t()  # stored key by key, as layouts store it
-    query = torch.randn(2, num_windows * area, num_heads * 8, dtype=dtype, requires_grad=True)
-    key, value = (torch.randn(2, num_tokens, num_heads * 8, dtype=dtype, requires_grad=True) for _ in range(2))
-    bias = torch.randn(num_windows, num_heads, area, num_keys, dtype=dtype)
-    bias[..., -3:] = float("-inf")
-    arguments = (query, key, value, bias.requires_grad_(), key_index, num_heads, 0.3)
+    query, key, value, bias, key_index = random_inputs(dtype, batch_size=2, num_windows=3, head_dim=8, num_keys=20)
+    arguments = (query, key, value, bias, key_index, 2, 0.3)
     results = torch.library.opcheck(modeling_focal.cpu_gathered_attention, arguments)
     assert set(results.values()) == {"SUCCESS"} and len(results) == 4, results
     with torch.no_grad():
         output, logsumexp = modeling_focal.cpu_gathered_attention(*arguments)
     tensors = [tensor.detach() for tensor in (torch.randn_like(output), query, key, value, bias)]
-    arguments = (*tensors, key_index, output, logsumexp, num_heads, 0.3)
+    arguments = (*tensors, key_index, output, logsumexp, 2, 0.3)
     backward_op = getattr(torch.ops.focal_transformer, f"{modeling_focal.CPU_ATTENTION_OP}_backward")
     results = torch.library.opcheck(backward_op, arguments)
     assert set(results.values()) == {"SUCCESS"} and len(results) == 4, results
@@ -568,18 +575,12 @@ def test_cpu_op_passes_torchs_custom_op_checks(dtype):
 
 def test_cpu_op_gradients_equal_finite_differences():
     # the op's own backward pass against numerical derivatives in float64, for the queries, keys, values and bias
-    torch.manual_seed(0)
-    num_windows, num_heads, area, num_keys, num_tokens = 2, 2, 4, 6, 9
-    key_index = torch.randint(0, num_tokens, (num_keys, num_windows)).t()
-    inputs = (
-        torch.randn(2, num_windows * area, num_heads * 3, dtype=torch.float64, requires_grad=True),
-        torch.randn(2, num_tokens, num_heads * 3, dtype=torch.float64, requires_grad=True),
-        torch.randn(2, num_tokens, num_heads * 3, dtype=torch.float64, requires_grad=True),
-        torch.randn(num_windows, num_heads, area, num_keys, dtype=torch.float64, requires_grad=True),
+    *inputs, key_index = random_inputs(
+        torch.float64, batch_size=2, num_windows=2, head_dim=3, num_tokens=9, num_keys=8, area=4
     )
 
     def attention(query, key, value, bias):
-        return modeling_focal.cpu_gathered_attention(query, key, value, bias, key_index, num_heads, 0.3)[0]
+        return modeling_focal.cpu_gathered_attention(query, key, value, bias, key_index, 2, 0.3)[0]
 
     assert torch.autograd.gradcheck(attention, inputs)
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import BENCHMARKS, import_script, tiny_config
-from test_modeling import ATTENTIONS, assert_equals_eager_with_shift
+from test_modeling import ATTENTIONS, assert_equals_eager_with_shift, random_inputs
 
 from focal_hf import FocalForImageClassification, FocalImageProcessor, modeling_focal
 from focal_hf.modeling_focal import cpu_gathered_attention, is_exporting
@@ -24,19 +24,6 @@ def triton_attention():
     assert triton_attention.INTERPRETED  # (conftest sets TRITON_INTERPRET)
     assert modeling_focal.triton_gathered_attention is torch.ops.focal_transformer.triton_gathered_attention
     return triton_attention
-
-
-def random_inputs(dtype, batch_size=3, num_windows=4, num_heads=2, head_dim=24, num_tokens=70, num_keys=40, area=49):
-    """query, key, value and bias (all requiring gradients) and a key index stored key by key, as layouts store it;
-    the bias has masked (-inf) keys, and the index repeats tokens within and across windows."""
-    torch.manual_seed(0)
-    query = torch.randn(batch_size, num_windows * area, num_heads * head_dim)
-    key, value = (torch.randn(batch_size, num_tokens, num_heads * head_dim) for _ in range(2))
-    bias = torch.randn(num_windows, num_heads, area, num_keys)
-    bias[..., -5:] = float("-inf")
-    key_index = torch.randint(0, num_tokens, (num_keys, num_windows)).t()
-    tensors = [tensor.to(dtype).requires_grad_() for tensor in (query, key, value, bias)]
-    return *tensors, key_index
 
 
 def assert_op_equals_the_cpu_op(query, key, value, bias, key_index):
