@@ -45,7 +45,14 @@ codecache._HEADER_LOCK_DIR = os.path.join(codecache._HEADER_DIR, "locks")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-PARITY_CASES = ["v1_fc_224", "v1_useconv_224", "v2_useconv_224", "v1_shift_mean_64", "v1_shift_conv_80"]
+PARITY_CASES = [
+    "v1_fc_224",
+    "v1_useconv_224",
+    "v2_useconv_224",
+    "v1_shift_mean_64",
+    "v1_shift_conv_80",
+    "v2_shift_max_64",
+]
 
 
 # pytest marks of transformers' common tests (test_transformers_common.py), declared in transformers' own conftest
