@@ -164,6 +164,40 @@ def synthetic_official_checkpoint(name: str, path: Path) -> Path:
     return path
 
 
+def official_training_checkpoint(case: str, folder: Path) -> Path:
+    """Reference fixture `case` saved as the official training script saves a checkpoint (`utils.save_checkpoint`):
+    the weights under "model" beside the optimizer's, scheduler's and apex amp's states, the best accuracy, the epoch
+    and the run's config, a frozen yacs `CfgNode` (the fixture's YAML with some of the training sections); the
+    file `folder / "ckpt_epoch_299.pth"`."""
+    import yaml
+    from yacs.config import CfgNode
+
+    original = yaml.safe_load((FIXTURES / f"{case}.yaml").read_text())
+    original.update(AMP_OPT_LEVEL="O1", OUTPUT="output/focal", TRAIN={"EPOCHS": 300, "BASE_LR": 5e-4})
+    original["DATA"].update(INTERPOLATION="bicubic", BATCH_SIZE=128)
+    config = CfgNode(original)
+    config.freeze()
+    weights = torch.load(FIXTURES / f"{case}.pth", weights_only=True)
+    parameters = [torch.nn.Parameter(tensor.clone()) for tensor in weights.values() if tensor.is_floating_point()]
+    optimizer = torch.optim.AdamW(parameters, lr=5e-4)
+    for parameter in parameters:
+        parameter.grad = torch.ones_like(parameter)
+    optimizer.step()  # (creates the optimizer's state)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 300)
+    checkpoint = {
+        "model": weights,
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": scheduler.state_dict(),
+        "max_accuracy": 81.7,
+        "epoch": 299,
+        "config": config,
+        "amp": {"loss_scaler0": {"loss_scale": 65536.0, "unskipped": 120}},
+    }
+    path = folder / "ckpt_epoch_299.pth"
+    torch.save(checkpoint, path)
+    return path
+
+
 def tiny_config(**overrides):
     """A small, fast Focal model (16 channels, one block per stage) exercising pooling and expansion."""
     from focal_hf import FocalConfig

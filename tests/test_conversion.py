@@ -9,13 +9,20 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import FIXTURES, PARITY_CASES, hub_http_error, load_without_focal_hf, synthetic_official_checkpoint
+from conftest import (
+    FIXTURES,
+    PARITY_CASES,
+    hub_http_error,
+    load_without_focal_hf,
+    official_training_checkpoint,
+    synthetic_official_checkpoint,
+)
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
 
-from focal_hf import FocalForImageClassification, convert, hub
+from focal_hf import FocalForImageClassification, convert, hub, image_processor_from_original
 from focal_hf.convert import OFFICIAL_FILES, imagenet_labels
 
 OFFICIAL = json.loads((FIXTURES / "official_checkpoints.json").read_text())
@@ -180,6 +187,31 @@ def test_custom_checkpoint_card_has_what_the_user_passes(tmp_path):
     assert "official config `v1_fc_224.yaml`" in card.text and 'model="out"' in card.text
     with pytest.raises(SystemExit):  # official checkpoints get the official license and data
         run("--model-name", "focal-tiny", "--license", "apache-2.0")
+
+
+def test_training_checkpoint_converts_with_the_config_saved_in_it(tmp_path, capsys, monkeypatch):
+    checkpoint = official_training_checkpoint("v1_shift_mean_64", tmp_path)
+    output = tmp_path / "out"
+    assert run("--checkpoint", checkpoint, "--output-dir", output) == 0
+    model = FocalForImageClassification.from_pretrained(output).eval()
+    io = load_file(FIXTURES / "v1_shift_mean_64.io.safetensors")
+    with torch.no_grad():
+        logits = model(io["pixel_values"]).logits
+    torch.testing.assert_close(logits, io["logits"], atol=1e-4, rtol=0)
+    processor = AutoImageProcessor.from_pretrained(output)
+    expected = image_processor_from_original(FIXTURES / "v1_shift_mean_64.yaml")
+    assert (processor.size, processor.crop_size) == (expected.size, expected.crop_size)
+    card = ModelCard.load(output / "README.md")
+    assert "from `ckpt_epoch_299.pth` with the official config saved in `ckpt_epoch_299.pth`" in card.text
+    monkeypatch.chdir(tmp_path)
+    assert run("--checkpoint", checkpoint) == 0 and (tmp_path / "ckpt_epoch_299" / "model.safetensors").is_file()
+    # a released checkpoint holds no config: one error that asks for it, nothing written
+    assert run("--checkpoint", FIXTURES / "v1_fc_224.pth", "--output-dir", tmp_path / "none") == 1
+    error = capsys.readouterr().err
+    assert "holds no official config" in error and "(--config PATH)" in error and not (tmp_path / "none").exists()
+    with pytest.raises(SystemExit):
+        run("--output-dir", tmp_path / "nothing")
+    assert "one of --model-name, --config (with --checkpoint) or --checkpoint is required" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("repo_id", ["you/focal/base", "you/focal base", "you/-focal", "you/focal.git"])

@@ -1,10 +1,11 @@
 """Exact parity with the official implementation, on the reference fixtures it produced, and official-format interop."""
 
 import json
+import sys
 
 import pytest
 import torch
-from conftest import FIXTURES, PARITY_CASES
+from conftest import FIXTURES, PARITY_CASES, official_training_checkpoint
 from safetensors.torch import load_file
 
 import focal_hf
@@ -121,6 +122,24 @@ def test_checkpoint_wrapped_or_raw_and_buffers_recomputed():
         saved[1] = saved[1] + height * width
         saved = torch.cat(saved, dim=1)
         torch.testing.assert_close(key_index[:, : saved.shape[1]], saved, rtol=0, atol=0)  # then alignment padding
+
+
+def test_training_checkpoints_load_with_the_config_saved_in_them(tmp_path, monkeypatch):
+    path = official_training_checkpoint("v2_shift_max_64", tmp_path)
+    monkeypatch.setitem(sys.modules, "yacs", None)  # read as data: importing yacs would now fail
+    monkeypatch.setitem(sys.modules, "yacs.config", None)
+    model = load_original_checkpoint(path)  # no YAML: the config saved in the checkpoint
+    expected_config = focal_hf.config_from_original(FIXTURES / "v2_shift_max_64.yaml")
+    assert model.config.to_dict() == expected_config.to_dict()
+    io = load_file(FIXTURES / "v2_shift_max_64.io.safetensors")
+    with torch.no_grad():
+        logits = model(io["pixel_values"]).logits
+    torch.testing.assert_close(logits, io["logits"], atol=TOLERANCE, rtol=0)
+    with_yaml = load_original_checkpoint(path, FIXTURES / "v2_shift_max_64.yaml")  # or with its YAML
+    assert all(torch.equal(a, b) for a, b in zip(with_yaml.state_dict().values(), model.state_dict().values()))
+    # released checkpoints hold only weights: no config to fall back on
+    with pytest.raises(ValueError, match=r"holds no official config .* give the official YAML config"):
+        load_original_checkpoint(FIXTURES / "v1_fc_224.pth")
 
 
 def test_conversion_errors_name_the_keys():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, synthetic_official_checkpoint, tiny_config
+from conftest import FIXTURES, official_training_checkpoint, synthetic_official_checkpoint, tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import pipeline
@@ -109,6 +109,8 @@ def test_official_formats(tmp_path, monkeypatch):
     # the file names the README uses, holding one of the official code's checkpoints (random weights) and its YAML
     shutil.copy(FIXTURES / "v1_fc_224.yaml", tmp_path / "focal_tiny_patch4_window7_224.yaml")
     shutil.copy(FIXTURES / "v1_fc_224.pth", tmp_path / "focal-tiny-is224-ws7.pth")
+    (tmp_path / "output").mkdir()
+    official_training_checkpoint("v1_fc_224", tmp_path / "output")  # output/ckpt_epoch_299.pth
 
     namespace = run("official_formats", tmp_path, monkeypatch, path="focal-tiny-is224-ws7.pth")
 
@@ -121,6 +123,9 @@ def test_official_formats(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(converted(reference["pixel_values"]).logits, logits, atol=0, rtol=0)
     assert namespace["processor"].crop_size == {"height": 224, "width": 224}
+    assert namespace["trained"].config.to_dict() == namespace["model"].config.to_dict()  # (the same run's weights)
+    for trained, loaded in zip(namespace["trained"].state_dict().values(), namespace["model"].state_dict().values()):
+        assert torch.equal(trained, loaded)
 
 
 def test_lora(tmp_path, monkeypatch, capsys):

@@ -3,6 +3,7 @@
 
     focal-convert --model-name focal-tiny --checkpoint focal-tiny-is224-ws7.pth
     focal-convert --config my_focal.yaml --checkpoint my_focal.pth --output-dir my-focal
+    focal-convert --checkpoint output/ckpt_epoch_299.pth --output-dir my-focal   # its config saved in it
     focal-convert --model-name focal-base --checkpoint focal-base-is224-ws7.pth --push-to-hub you/focal-base \\
         --remote-code
 
@@ -41,6 +42,7 @@ from .original import (
     image_processor_from_original,
     load_original_state_dict,
     official_config,
+    saved_original_config,
 )
 
 logger = logging.getLogger("focal_hf.convert")
@@ -121,7 +123,7 @@ class CardInfo:
 
     model_id: str  # the Hub repository id when pushing, else the folder name
     official_name: str | None = None  # --model-name: an official ImageNet-1K checkpoint
-    config_source: str = ""  # the official config it was built from
+    config_source: str = ""  # the official config it was built from (Markdown: "`file.yaml`", "saved in `x.pth`")
     license: str | None = None  # --license (official checkpoints: the official repository's)
     datasets: list[str] = field(default_factory=list)  # --dataset (official checkpoints: imagenet-1k)
     remote_code: bool = False
@@ -181,7 +183,7 @@ def model_card(
     reference = "focal_transformer_v2.py" if config.attention_type == "focal_fast" else "focal_transformer.py"
     sections = f"""## Conversion and parity
 
-Converted with `focal-convert` (focal-hf) from `{checkpoint}` with the official config `{info.config_source}`: the
+Converted with `focal-convert` (focal-hf) from `{checkpoint}` with the official config {info.config_source}: the
 official state dict was renamed to the focal-hf layout and the buffers the official code saves were dropped (they
 are recomputed from the config).
 
@@ -266,10 +268,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="focal-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--model-name", choices=sorted(OFFICIAL_FILES), help="an official ImageNet-1K architecture")
     source.add_argument("--config", help="an official-schema YAML config (with --checkpoint)")
-    parser.add_argument("--checkpoint", help="a local .pth file or a URL (default for --model-name: the official URL)")
+    parser.add_argument(
+        "--checkpoint",
+        help="a local .pth file or a URL (default for --model-name: the official URL); alone, a checkpoint of the "
+        "official training script, built from the config saved in it",
+    )
     parser.add_argument("--output-dir", help="where to write the folder (default: the model name)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output-dir")
     parser.add_argument(
@@ -286,6 +292,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dataset", action="append", default=[], help="for --config: a dataset it was trained on (Hub id; repeatable)"
     )
     args = parser.parse_args(argv)
+    if not (args.model_name or args.config or args.checkpoint):
+        parser.error("one of --model-name, --config (with --checkpoint) or --checkpoint is required")
     if args.config and not args.checkpoint:
         parser.error("--config needs --checkpoint")
     if args.model_name and (args.license or args.dataset):
@@ -307,16 +315,26 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, _interrupt)  # `kill`: clean up as on Ctrl-C
     try:
         repo_id = hub.check_push_access(args.push_to_hub, args.token) if args.push_to_hub else None
+        checkpoint = None
         if args.model_name:
             name, config = args.model_name, official_config(args.model_name)
             processor = FocalImageProcessor.for_image_size(config.image_size)
+            config_source = f"`{OFFICIAL_CONFIGS[args.model_name]}`"
         else:
-            name = Path(args.config).stem
+            if args.config:
+                name, original, config_source = Path(args.config).stem, args.config, f"`{Path(args.config).name}`"
+            else:  # a checkpoint of the official training script: its config is saved in it
+                checkpoint = fetch_checkpoint(args.checkpoint, None)
+                name, config_source = checkpoint.stem, f"saved in `{checkpoint.name}`"
+                try:
+                    original = saved_original_config(load_original_state_dict(checkpoint), checkpoint)
+                except ValueError as error:
+                    raise ConversionError(f"{error} (--config PATH)") from error
             try:
-                config = config_from_original(args.config)
-                processor = image_processor_from_original(args.config)
+                config = config_from_original(original)
+                processor = image_processor_from_original(original)
             except Exception as error:  # unreadable YAML, unknown keys, invalid architecture
-                raise ConversionError(f"Cannot use config {args.config!r}: {error}") from error
+                raise ConversionError(f"Cannot use the config {config_source}: {error}") from error
         if config.num_labels == 1000:
             labels = imagenet_labels()
             config.id2label = dict(enumerate(labels))
@@ -325,11 +343,11 @@ def main(argv=None) -> int:
         if output_dir.exists() and not args.force:
             raise ConversionError(f"{output_dir} exists; pass --force to replace it.")
         check_writable(output_dir)
-        checkpoint = fetch_checkpoint(args.checkpoint, args.model_name)
+        checkpoint = checkpoint or fetch_checkpoint(args.checkpoint, args.model_name)
         card = CardInfo(
             model_id=repo_id or Path(os.path.abspath(output_dir)).name,  # "." has a name too
             official_name=args.model_name,
-            config_source=OFFICIAL_CONFIGS[args.model_name] if args.model_name else Path(args.config).name,
+            config_source=config_source,
             license=args.license,
             datasets=args.dataset,
             remote_code=args.remote_code,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -295,10 +296,18 @@ def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor], config: 
     return converted
 
 
+# The official training script (`utils.save_checkpoint`) saves the run's config, a yacs `CfgNode` (a `dict` subclass
+# holding only plain values), beside the weights: it is read as nested `OrderedDict`s, without importing yacs.
+_SAVED_CONFIG_CLASSES = [(OrderedDict, "yacs.config.CfgNode")]
+
+
 def load_original_state_dict(checkpoint_path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
-    """Read an official `.pth` checkpoint safely (`weights_only=True`); clear `ValueError` if it is not one."""
+    """Read an official `.pth` checkpoint safely (`weights_only=True`): a state dict, `{"model": state_dict}`, or a
+    checkpoint of the official training script (the weights under `"model"` beside the optimizer's and scheduler's
+    states and the run's config, `saved_original_config`). A clear `ValueError` if it is none of them."""
     try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_SAVED_CONFIG_CLASSES):
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as error:  # pickle, zip and weights-only errors all mean: not a usable checkpoint
@@ -310,12 +319,30 @@ def load_original_state_dict(checkpoint_path: str | os.PathLike) -> Mapping[str,
     return checkpoint
 
 
-def load_original_checkpoint(checkpoint_path: str | os.PathLike, config_path) -> FocalForImageClassification:  # noqa: F821
-    """Build the model an official YAML config describes and load an official checkpoint into it (eval mode)."""
+def saved_original_config(checkpoint: Mapping, checkpoint_path: str | os.PathLike) -> Mapping:
+    """The official config saved in a checkpoint of the official training script (`checkpoint["config"]`, as
+    `load_original_state_dict` reads it from `checkpoint_path`), for `config_from_original` and
+    `image_processor_from_original`. A `ValueError` if it holds none (released checkpoints and plain state dicts do
+    not)."""
+    config = checkpoint.get("config")
+    if not isinstance(config, Mapping) or "MODEL" not in config:
+        raise ValueError(
+            f"{os.fspath(checkpoint_path)!r} holds no official config (only checkpoints saved by the official "
+            f"training script do): give the official YAML config it was trained with."
+        )
+    return config
+
+
+def load_original_checkpoint(checkpoint_path: str | os.PathLike, config_path=None) -> FocalForImageClassification:  # noqa: F821
+    """Build the model an official config describes (a YAML path or its dict; without one, the config saved in a
+    checkpoint of the official training script) and load an official checkpoint into it (eval mode)."""
     from .modeling_focal import FocalForImageClassification
 
+    checkpoint = load_original_state_dict(checkpoint_path)
+    if config_path is None:
+        config_path = saved_original_config(checkpoint, checkpoint_path)
     config = config_from_original(config_path)
-    state_dict = convert_original_state_dict(load_original_state_dict(checkpoint_path), config)
+    state_dict = convert_original_state_dict(checkpoint, config)
     model = FocalForImageClassification(config)
     model.load_state_dict(state_dict)
     return model.eval()
