@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -204,20 +205,29 @@ are recomputed from the config).
     )
 
 
+def read_checkpoint(path: Path) -> Mapping:
+    """`load_original_state_dict(path)`, a file that is no official checkpoint as a `ConversionError`."""
+    try:
+        return load_original_state_dict(path)
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
+
+
 def convert(
     config: FocalConfig,
-    checkpoint: Path,
+    checkpoint: Mapping,
+    checkpoint_name: str,
     output_dir: Path,
     card: CardInfo,
     processor: FocalImageProcessor,
     force: bool = False,
 ) -> Path:
-    """Convert `checkpoint` for `config` into `output_dir`; returns it. The folder is written beside it, verified,
-    then renamed into place; an existing `output_dir` (only with `force`) is replaced by rename-aside and rename-in
-    (see `focal_hf.folders`), so a kill at any instant leaves the old or the new folder whole. A failure leaves
-    nothing behind."""
+    """Convert `checkpoint` (as `read_checkpoint` read it from the file `checkpoint_name`) for `config` into
+    `output_dir`; returns it. The folder is written beside it, verified, then renamed into place; an existing
+    `output_dir` (only with `force`) is replaced by rename-aside and rename-in (see `focal_hf.folders`), so a kill at
+    any instant leaves the old or the new folder whole. A failure leaves nothing behind."""
     try:
-        state_dict = convert_original_state_dict(load_original_state_dict(checkpoint), config)
+        state_dict = convert_original_state_dict(checkpoint, config)
     except ValueError as error:
         raise ConversionError(str(error)) from error
     model = FocalForImageClassification(config).eval()
@@ -235,7 +245,7 @@ def convert(
         if card.remote_code:
             hub.add_remote_code(staging, model.config, processor)
         num_parameters = sum(p.numel() for p in model.parameters())
-        model_card(card, config, processor, checkpoint.name, num_parameters).save(staging / "README.md")
+        model_card(card, config, processor, checkpoint_name, num_parameters).save(staging / "README.md")
         verify(model, staging)
         install(staging, output_dir)
     except BaseException as error:
@@ -315,7 +325,7 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, _interrupt)  # `kill`: clean up as on Ctrl-C
     try:
         repo_id = hub.check_push_access(args.push_to_hub, args.token) if args.push_to_hub else None
-        checkpoint = None
+        checkpoint_path = checkpoint = None  # read first only when the config is saved in it
         if args.model_name:
             name, config = args.model_name, official_config(args.model_name)
             processor = FocalImageProcessor.for_image_size(config.image_size)
@@ -324,10 +334,11 @@ def main(argv=None) -> int:
             if args.config:
                 name, original, config_source = Path(args.config).stem, args.config, f"`{Path(args.config).name}`"
             else:  # a checkpoint of the official training script: its config is saved in it
-                checkpoint = fetch_checkpoint(args.checkpoint, None)
-                name, config_source = checkpoint.stem, f"saved in `{checkpoint.name}`"
+                checkpoint_path = fetch_checkpoint(args.checkpoint, None)
+                checkpoint = read_checkpoint(checkpoint_path)
+                name, config_source = checkpoint_path.stem, f"saved in `{checkpoint_path.name}`"
                 try:
-                    original = saved_original_config(load_original_state_dict(checkpoint), checkpoint)
+                    original = saved_original_config(checkpoint, checkpoint_path)
                 except ValueError as error:
                     raise ConversionError(f"{error} (--config PATH)") from error
             try:
@@ -343,7 +354,9 @@ def main(argv=None) -> int:
         if output_dir.exists() and not args.force:
             raise ConversionError(f"{output_dir} exists; pass --force to replace it.")
         check_writable(output_dir)
-        checkpoint = checkpoint or fetch_checkpoint(args.checkpoint, args.model_name)
+        if checkpoint is None:
+            checkpoint_path = fetch_checkpoint(args.checkpoint, args.model_name)
+            checkpoint = read_checkpoint(checkpoint_path)
         card = CardInfo(
             model_id=repo_id or Path(os.path.abspath(output_dir)).name,  # "." has a name too
             official_name=args.model_name,
@@ -352,8 +365,8 @@ def main(argv=None) -> int:
             datasets=args.dataset,
             remote_code=args.remote_code,
         )
-        convert(config, checkpoint, output_dir, card, processor, force=args.force)
-        logger.info(f"Wrote {output_dir}/ from {checkpoint}.")
+        convert(config, checkpoint, checkpoint_path.name, output_dir, card, processor, force=args.force)
+        logger.info(f"Wrote {output_dir}/ from {checkpoint_path}.")
         if repo_id:
             commit = hub.push_folder(output_dir, repo_id, args.token, args.private, args.commit_message)
             logger.info(f"Uploaded to {commit}")
