@@ -1,17 +1,18 @@
-"""The host's time per call of each layer of focal_sdpa's Triton op on a GPU, with a Focal-T block's arguments (bf16
-training at batch 64, stage 3 by default), beside torch's SDPA of as many queries:
+"""The host's time per call of each layer of focal_sdpa's Triton attention on a GPU, with a Focal-T block's arguments
+(bf16 training at batch 64, stage 3 by default), beside torch's SDPA of as many queries:
 
     python benchmarks/launch_cost.py [--batch-size 64] [--stage 3] [--calls 200]
 
-A training step issues each block's attention as the op with autograd (forward, then its backward pass); when the
-host, not the GPU, sets a step's pace (`profile_gpu.py`), what the host spends between the call and the kernels'
-launches is what the step loses. Rows, from the outermost layer in:
+A training step issues each block's attention as `modeling_focal.triton_gathered_attention` with autograd (forward,
+then its backward pass); when the host, not the GPU, sets a step's pace (`profile_gpu.py`), what the host spends
+between the call and the kernels' launches is what the step loses. Rows, from the outermost layer in:
 
-- the op with autograd: forward, and forward and backward (`.backward()`, as in a step);
-- the op without autograd: forward, and its backward op;
-- `fused_gathered_attention(...)` called outside the op: `wrap_triton` then dispatches through torch's
-  higher-order operator, which the op's eager path does not (a cost to avoid, not one that a step pays);
-- the forward kernel's launches alone: through `triton.autotune` (as the op launches it), and the kernel itself;
+- the attention with autograd (`TritonGatheredAttention`): forward, and forward and backward (`.backward()`, as in a
+  step);
+- without autograd: the forward (`triton_attention.fused_gathered_attention`) and the backward
+  (`fused_gathered_attention_backward`) functions;
+- the forward kernel's launches alone: through `triton.autotune` (as the function launches it), and the kernel
+  itself;
 - for scale: `torch.nn.functional.scaled_dot_product_attention` of the same queries (keys = queries), and one
   `torch.zeros_like` of the keys in float32 (the backward op makes four such buffers).
 
@@ -36,8 +37,8 @@ def block_arguments(batch_size: int, stage: int) -> tuple:
 
 
 def kernel_arguments(model, pixel_values: torch.Tensor) -> list[tuple]:
-    """The arguments (tensors detached and contiguous) of each call of the Triton op in one bf16-autocast forward and
-    backward pass of `model` on `pixel_values`, in the order of the blocks."""
+    """The arguments (tensors detached and contiguous) of each call of the Triton attention in one bf16-autocast forward
+    and backward pass of `model` on `pixel_values`, in the order of the blocks."""
     op, calls = modeling_focal.triton_gathered_attention, []
     modeling_focal.triton_gathered_attention = lambda *args: calls.append(args) or op(*args)
     try:
@@ -63,9 +64,8 @@ def per_call(function, calls: int) -> tuple[float, float]:
 def rows(arguments: tuple) -> dict:
     """The measured calls by name (see the module's docstring)."""
     query, key, value, bias, key_index, num_heads, scaling = arguments
-    op = modeling_focal.triton_gathered_attention
-    backward_op = torch.ops.focal_transformer.triton_gathered_attention_backward
-    output, logsumexp = op(*arguments)
+    attention = modeling_focal.triton_gathered_attention
+    output, logsumexp = triton_attention.fused_gathered_attention(*arguments)
     grad_output = torch.randn_like(output)
     leaves = [tensor.clone().requires_grad_() for tensor in (query, key, value, bias)]
     programs, sizes, constants = triton_attention._launch_arguments(query, key, bias, key_index, num_heads)
@@ -83,16 +83,15 @@ def rows(arguments: tuple) -> dict:
         return call
 
     return {
-        "op with autograd, forward": lambda: op(*leaves, key_index, num_heads, scaling),
-        "op with autograd, forward and backward": lambda: op(*leaves, key_index, num_heads, scaling)[0].backward(
+        "with autograd, forward": lambda: attention(*leaves, key_index, num_heads, scaling),
+        "with autograd, forward and backward": lambda: attention(*leaves, key_index, num_heads, scaling)[0].backward(
             grad_output
         ),
-        "op without autograd, forward": without_autograd(lambda: op(*arguments)),
-        "its backward op": without_autograd(
-            lambda: backward_op(grad_output, *arguments[:5], output, logsumexp, num_heads, scaling)
-        ),
-        "fused_gathered_attention outside the op": without_autograd(
-            lambda: triton_attention.fused_gathered_attention(*arguments)
+        "forward function": without_autograd(lambda: triton_attention.fused_gathered_attention(*arguments)),
+        "backward function": without_autograd(
+            lambda: triton_attention.fused_gathered_attention_backward(
+                grad_output, *arguments[:5], output, logsumexp, num_heads, scaling
+            )
         ),
         "forward kernel through triton.autotune": lambda: tuned[(programs, len(query))](*kernel_arguments, **constants),
         "forward kernel": lambda: triton_attention._gathered_attention_forward[(programs, len(query))](

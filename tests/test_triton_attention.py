@@ -1,5 +1,5 @@
-"""focal_sdpa's GPU path, the fused Triton kernels (`focal_hf.triton_attention`, the op
-`modeling_focal.triton_gathered_attention`), run here by Triton's interpreter on the CPU: the same values and gradients
+"""focal_sdpa's GPU path, the fused Triton kernels (`focal_hf.triton_attention`, differentiated by
+`modeling_focal.TritonGatheredAttention`), run here by Triton's interpreter on the CPU: the same values and gradients
 as eager attention and the CPU op, also through the launch path a GPU takes (autotuning); when focal_sdpa takes it;
 its kernels compiled for a GPU (sm_90) without one; and the package and its remote code without Triton."""
 
@@ -22,7 +22,7 @@ def triton_attention():
     from focal_hf import triton_attention
 
     assert triton_attention.INTERPRETED  # (conftest sets TRITON_INTERPRET)
-    assert modeling_focal.triton_gathered_attention is torch.ops.focal_transformer.triton_gathered_attention
+    assert modeling_focal.triton_gathered_attention == modeling_focal.TritonGatheredAttention.apply
     return triton_attention
 
 
@@ -110,7 +110,7 @@ def test_focal_sdpa_takes_the_kernels_only_where_they_run(triton_attention, monk
 
 
 def count_kernel_calls(monkeypatch) -> list:
-    """The calls of the Triton kernels' op from here on, counted (one item a call; `monkeypatch` undoes it)."""
+    """The calls of the Triton kernels' attention from here on, counted (one item a call; `monkeypatch` undoes it)."""
     kernel, calls = modeling_focal.triton_gathered_attention, []
     monkeypatch.setattr(modeling_focal, "triton_gathered_attention", lambda *args: calls.append(1) or kernel(*args))
     return calls
@@ -153,7 +153,7 @@ def test_launch_cost_calls_run(triton_attention, monkeypatch):
     monkeypatch.setitem(triton_attention._tuned_forward.cache, ("any key",), triton_attention.FORWARD_CONFIGS[0])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     calls = launch_cost.rows(block)
-    assert len(calls) == 9 and "forward kernel through triton.autotune" in calls
+    assert len(calls) == 8 and "forward kernel through triton.autotune" in calls
     for name, call in calls.items():
         if name != "forward kernel through triton.autotune":
             host, finished = launch_cost.per_call(call, 1)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.library import custom_op, triton_op
+from torch.library import custom_op
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -700,29 +700,27 @@ def _cpu_gathered_attention_backward(
     return grad_query, grad_key, grad_value, grad_bias.to(bias.dtype)
 
 
-def register_gathered_attention(name: str, forward: Callable, backward: Callable, define: Callable = custom_op):
+def register_gathered_attention(name: str, forward: Callable, backward: Callable):
     """`forward(query, key, value, bias, key_index, num_heads, scaling) -> (output, logsumexp)`, attention over keys
-    gathered from `key` and `value` by `key_index`, as the PyTorch op `focal_transformer::{name}` (defined by
-    `define`: `torch.library.custom_op`, or `triton_op` for Triton kernels), differentiated by
-    `backward(grad_output, query, key, value, bias, key_index, output, logsumexp, num_heads, scaling) -> (grad_query,
-    grad_key, grad_value, grad_bias)` (registered as `{name}_backward`): the inputs and both outputs are saved for it,
-    the log-sum-exp's gradient is not used. For `torch.compile` the op is one node. Registered once per process (the
-    same code may also be imported as Hub remote code): a name already registered is taken as it is, which is why an
-    op's name changes with its signature."""
+    gathered from `key` and `value` by `key_index`, as the PyTorch custom op `focal_transformer::{name}`,
+    differentiated by `backward(grad_output, query, key, value, bias, key_index, output, logsumexp, num_heads, scaling)
+    -> (grad_query, grad_key, grad_value, grad_bias)` (registered as `{name}_backward`): the inputs and both outputs
+    are saved for it, the log-sum-exp's gradient is not used. For `torch.compile` the op is one node. Registered once
+    per process (the same code may also be imported as Hub remote code): a name already registered is taken as it is,
+    which is why an op's name changes with its signature."""
     if hasattr(torch.ops.focal_transformer, name):
         return getattr(torch.ops.focal_transformer, name)
-    forward_op = define(f"focal_transformer::{name}", mutates_args=())(forward)
-    backward_op = define(f"focal_transformer::{name}_backward", mutates_args=())(backward)
-    if define is custom_op:  # (a `triton_op` is traced through its Python for shapes)
+    forward_op = custom_op(f"focal_transformer::{name}", mutates_args=())(forward)
+    backward_op = custom_op(f"focal_transformer::{name}_backward", mutates_args=())(backward)
 
-        @forward_op.register_fake
-        def _(query, key, value, bias, key_index, num_heads, scaling):
-            shape = (query.shape[0], bias.shape[0], num_heads, bias.shape[2])
-            return torch.empty_like(query), query.new_empty(shape, dtype=torch.float32)
+    @forward_op.register_fake
+    def _(query, key, value, bias, key_index, num_heads, scaling):
+        shape = (query.shape[0], bias.shape[0], num_heads, bias.shape[2])
+        return torch.empty_like(query), query.new_empty(shape, dtype=torch.float32)
 
-        @backward_op.register_fake
-        def _(grad_output, query, key, value, bias, key_index, output, logsumexp, num_heads, scaling):
-            return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), torch.empty_like(bias)
+    @backward_op.register_fake
+    def _(grad_output, query, key, value, bias, key_index, output, logsumexp, num_heads, scaling):
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), torch.empty_like(bias)
 
     def setup_context(ctx, inputs, output):
         query, key, value, bias, key_index, ctx.num_heads, ctx.scaling = inputs
@@ -745,14 +743,34 @@ def register_gathered_attention(name: str, forward: Callable, backward: Callable
 cpu_gathered_attention = register_gathered_attention(
     CPU_ATTENTION_OP, _cpu_gathered_attention, _cpu_gathered_attention_backward
 )
-# The same attention on NVIDIA GPUs: fused Triton kernels (`triton_attention`), where Triton is installed
-triton_gathered_attention = (
-    None
-    if fused_gathered_attention is None
-    else register_gathered_attention(
-        "triton_gathered_attention", fused_gathered_attention, fused_gathered_attention_backward, triton_op
-    )
-)
+
+
+class TritonGatheredAttention(torch.autograd.Function):
+    """The same attention on NVIDIA GPUs: the fused Triton kernels of `triton_attention` (forward and backward), as
+    `cpu_gathered_attention` takes and returns it; the inputs and both outputs saved for the backward pass.
+
+    A `torch.autograd.Function` that launches the kernels itself rather than a custom op (`torch.library.triton_op`):
+    it runs in eager mode, where a training step is bound by the host, and the op's dispatch and autograd layers cost
+    the host about 100 µs more per block and call (`benchmarks/launch_cost.py`); `torch.compile` traces the function
+    and its kernels as they are (`benchmarks/test_gpu.py`)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, bias, key_index, num_heads: int, scaling: float):
+        output, logsumexp = fused_gathered_attention(query, key, value, bias, key_index, num_heads, scaling)
+        ctx.save_for_backward(query, key, value, bias, key_index, output, logsumexp)
+        ctx.num_heads, ctx.scaling = num_heads, scaling
+        ctx.mark_non_differentiable(logsumexp)
+        return output, logsumexp
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_logsumexp):
+        grads = fused_gathered_attention_backward(grad_output, *ctx.saved_tensors, ctx.num_heads, ctx.scaling)
+        return *grads, None, None, None
+
+
+# `triton_gathered_attention(query, key, value, bias, key_index, num_heads, scaling) -> (output, logsumexp)`, where
+# Triton is installed
+triton_gathered_attention = None if fused_gathered_attention is None else TritonGatheredAttention.apply
 
 
 def runs_triton_kernels(query: torch.Tensor, dropout: float) -> bool:

@@ -1,10 +1,9 @@
 # Copyright 2026 The focal-hf authors. Licensed under the Apache License, Version 2.0.
-"""The GPU path of `focal_sdpa`: attention over gathered keys as two fused Triton kernels, which
-`modeling_focal.register_gathered_attention` makes the op `focal_transformer::triton_gathered_attention` with its
-backward pass (`focal_sdpa_attention` runs it on NVIDIA GPUs from compute capability 8.0 in bf16 and fp16, where
-Triton is installed; PyTorch's CUDA builds ship it). It takes what the CPU op takes (the keys' and values' sources,
-the key index and the per-window bias) and computes the same attention in one kernel per direction, with nothing
-materialised in between:
+"""The GPU path of `focal_sdpa`: attention over gathered keys as two fused Triton kernels, launched and differentiated
+by `modeling_focal.TritonGatheredAttention` (`focal_sdpa_attention` runs it on NVIDIA GPUs from compute capability 8.0
+in bf16 and fp16, where Triton is installed; PyTorch's CUDA builds ship it). It takes what the CPU op takes (the keys'
+and values' sources, the key index and the per-window bias) and computes the same attention in one kernel per direction,
+with nothing materialised in between:
 
 - forward, a program per (window, head, block of 64 queries, image): the queries, the window's keys and values read
   row by row from the sources through the key index (no gathered copy) block by block with the bias tile, the
@@ -32,7 +31,6 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from torch.library import wrap_triton
 except ImportError as error:
     raise ImportError(f"focal_sdpa's GPU kernels need Triton ({error})") from error
 
@@ -299,7 +297,7 @@ def fused_gathered_attention(
     output = torch.empty_like(query)
     logsumexp = query.new_empty(len(query), bias.shape[0], num_heads, bias.shape[2], dtype=torch.float32)
     kernel, launch = (_gathered_attention_forward, INTERPRETED_FORWARD) if INTERPRETED else (_tuned_forward, {})
-    wrap_triton(kernel)[(programs, len(query))](
+    kernel[(programs, len(query))](
         query, key, value, bias, key_index, output, logsumexp, *sizes, scaling, **constants, **launch
     )
     return output, logsumexp
@@ -329,7 +327,7 @@ def fused_gathered_attention_backward(
     grad_key, grad_value = (torch.zeros_like(key, dtype=torch.float32) for _ in range(2))
     grad_bias = torch.zeros_like(bias, dtype=torch.float32)
     kernel, launch = (_gathered_attention_backward, INTERPRETED_BACKWARD) if INTERPRETED else (_tuned_backward, {})
-    wrap_triton(kernel)[grid](
+    kernel[grid](
         grad_output,
         query,
         key,
