@@ -26,8 +26,8 @@ version's. (Importing it maps transformers' Auto classes to its classes; this sc
 focal_sdpa, the speed-up NAME's.
 
 On CUDA it finally prints the launch configurations that `triton.autotune` chose for focal_sdpa's Triton kernels.
-Another version's kernels (`--against`) run only if their op has another name: ops are registered once per process
-by name (`modeling_focal.register_gathered_attention`).
+Versions before 2026-11-28 register their kernels as an op, once per process by name: two such versions compared
+(this one older too) run the same kernels unless one's op is renamed (docs/performance.md, "Measuring").
 """
 
 from __future__ import annotations

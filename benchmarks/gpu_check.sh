@@ -19,12 +19,12 @@
 #    the Triton kernels traced by torch.compile),
 # 6. compares Focal-T's training step and inference with those of other versions of the package, each carried as a
 #    `focal_hf` folder in $BASELINES (default .gpu_baseline/focal_hf and .gpu_baseline/*/focal_hf; e.g. `mkdir -p
-#    .gpu_baseline && git archive <commit> src/focal_hf | tar -x --strip-components=1 -C .gpu_baseline`, ignored by
-#    git, so name .gpu_baseline in the device tool's `carry`; rename each one's Triton op, e.g. `sed -i
-#    s/\"triton_gathered_attention\"/\"triton_gathered_attention_old\"/ .gpu_baseline/focal_hf/modeling_focal.py`,
-#    or it runs this version's kernels: ops are registered once per process by name): benchmarks/ablation.py
-#    --against, 100 s each, for each model of $AGAINST_MODELS (default focal-tiny) (its speed-up is this version's:
-#    below 1, the other version is faster),
+#    .gpu_baseline && git archive <commit> src/focal_hf | tar -x --strip-components=1 -C .gpu_baseline`, ignored by git,
+#    so name .gpu_baseline in the device tool's `carry`; versions before 2026-11-28 register their kernels as an op,
+#    once per process by name: of two such versions rename the op of one, e.g. `sed -i
+#    s/\"triton_gathered_attention\"/\"triton_gathered_attention_old\"/ .gpu_baseline/focal_hf/modeling_focal.py`, or it
+#    runs the other's kernels): benchmarks/ablation.py --against, 100 s each, for each model of $AGAINST_MODELS (default
+#    focal-tiny) (its speed-up is this version's: below 1, the other version is faster),
 # 7. runs the benchmark against Swin-T (bf16; by default every model at 224 and 448 px, plus torch.compile at 224;
 #    $BENCH_ARGS replaces the models, sizes and modes, e.g. BENCH_ARGS="--models swin-tiny focal-tiny
 #    --image-sizes 224") in what is left of the budget; interrupted, it still prints the table of what it measured.

@@ -9,14 +9,15 @@
 
 Each model runs one training step as `benchmark.py --device cuda --dtype bf16` does (forward under bf16 autocast,
 backward, AdamW; after one step that creates the optimizer state) on PyTorch's meta device: tensors with shapes and
-dtypes but no data, so the largest model and batch take seconds and no memory. `MemTracker` (torch.distributed's
-memory tracker) counts the bytes of the tensors alive at every moment. Three things a CUDA GPU does differently are
-reproduced: focal_sdpa takes its GPU path, the fused Triton kernels (where Triton is installed; their op traced for
-the shapes of its outputs), scaled-dot-product attention runs the memory-efficient kernel (what CUDA picks for an
-additive float bias, whose meta implementation gives the kernel's outputs and what it keeps), and autocast's casting
-rules (matrix products and convolutions in bf16; normalisation, softmax and losses in float32) are applied by a
-function mode, since autocast has no meta device. Reported, as `benchmark.py` does on CUDA: the peak over the step
-less the weights, in MiB, and each model's ratio to Swin-T at the same image size.
+dtypes but no data, so the largest model and batch take seconds and no memory. `MemTracker` (torch.distributed's memory
+tracker) counts the bytes of the tensors alive at every moment. Three things a CUDA GPU does differently are reproduced:
+focal_sdpa takes its GPU path, the fused Triton kernels (where Triton is installed; their launches do nothing on the
+meta device but count the bytes of their arguments: `MetaLaunch`), scaled-dot-product attention runs the
+memory-efficient kernel (what CUDA picks for an additive float bias, whose meta implementation gives the kernel's
+outputs and what it keeps), and autocast's casting rules (matrix products and convolutions in bf16; normalisation,
+softmax and losses in float32) are applied by a function mode, since autocast has no meta device. Reported, as
+`benchmark.py` does on CUDA: the peak over the step less the weights, in MiB, and each model's ratio to Swin-T at the
+same image size.
 
 With `--traffic` it counts instead the bytes that the step's operators read and write (`Traffic`), a proxy for the
 time a GPU spends on memory-bound work (copies, casts, gathers, elementwise operators).
@@ -145,20 +146,67 @@ class Traffic(TorchDispatchMode):
     ALIASES = {torch.ops.aten._unsafe_view.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default}
     FACTORIES = {"new_zeros", "new_empty", "new_ones", "new_full", "empty_like", "zeros_like", "ones_like"}
 
+    active: list[Traffic] = []  # (the counts entered, innermost last: what `MetaLaunch` adds to)
+
     def __init__(self):
         super().__init__()
         self.bytes = 0
 
+    def __enter__(self):
+        Traffic.active.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc_info):
+        Traffic.active.remove(self)
+        return super().__exit__(*exc_info)
+
+    def count(self, moved) -> None:
+        """Add the bytes of the tensors in `moved` (any nesting of lists, tuples and dicts)."""
+        self.bytes += sum(
+            tensor.numel() * tensor.element_size() for tensor in tree_leaves(moved) if isinstance(tensor, torch.Tensor)
+        )
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         output = func(*args, **(kwargs or {}))
         if not (func.is_view or func in self.ALIASES):
-            moved = output if func.overloadpacket.__name__ in self.FACTORIES else (args, kwargs, output)
-            self.bytes += sum(
-                tensor.numel() * tensor.element_size()
-                for tensor in tree_leaves(moved)
-                if isinstance(tensor, torch.Tensor)
-            )
+            self.count(output if func.overloadpacket.__name__ in self.FACTORIES else (args, kwargs, output))
         return output
+
+
+class MetaLaunch:
+    """A Triton kernel of focal_sdpa on the meta device, where nothing runs: its launch (`kernel[grid](*args,
+    **meta)`) does nothing but count its tensor arguments as read and written (`Traffic`, if one is entered). The
+    kernels only read their inputs and write into tensors their callers allocated, so the memory a step holds is
+    what those allocations hold."""
+
+    KERNELS = ("_tuned_forward", "_tuned_backward", "_gathered_attention_forward", "_gathered_attention_backward")
+
+    def __getitem__(self, grid):
+        return self.launch
+
+    @staticmethod
+    def launch(*args, **meta):
+        if Traffic.active:
+            Traffic.active[-1].count(args)
+
+    @classmethod
+    @contextlib.contextmanager
+    def replacing_kernels(cls):
+        """focal_sdpa's Triton kernels (`focal_hf.triton_attention`, where Triton is installed) replaced by
+        `MetaLaunch` within."""
+        try:
+            from focal_hf import triton_attention
+        except ImportError:  # (no Triton: focal_sdpa does without its kernels)
+            yield
+            return
+        kernels = {name: getattr(triton_attention, name) for name in cls.KERNELS}
+        try:
+            for name in cls.KERNELS:
+                setattr(triton_attention, name, cls())
+            yield
+        finally:
+            for name, kernel in kernels.items():
+                setattr(triton_attention, name, kernel)
 
 
 def training_step_traffic(model: torch.nn.Module, batch_size: int, image_size: int, device: str = "meta") -> int:
@@ -195,7 +243,8 @@ def estimate(
     F.scaled_dot_product_attention = memory_efficient_sdpa
     modeling_focal.triton_runs_on = lambda tensor: tensor.is_meta  # (the meta device as an NVIDIA GPU from Ampere)
     try:
-        return measure(model, batch_size, image_size)
+        with MetaLaunch.replacing_kernels():
+            return measure(model, batch_size, image_size)
     finally:
         F.scaled_dot_product_attention, modeling_focal.triton_runs_on = sdpa, triton_runs_on
 
