@@ -67,7 +67,7 @@ def _pair(attention_type, without=()):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """The calls of the Triton kernels' op, counted."""
+    """The calls of the Triton kernels, counted."""
     return count_kernel_calls(monkeypatch)
 
 
@@ -167,7 +167,7 @@ def test_compiled_training_step_equals_eager(dynamic, kernels, kernel_calls, mon
     # compiled for one size, and for any size (two sizes, one graph); with the folded SDPA call (what focal_sdpa runs
     # under torch.compile), and with the Triton kernels traced (not yet focal_sdpa's choice: they failed to compile
     # until they took their float argument as float32 whatever its type; one size passed on an H200 in November 2026,
-    # any size did not finish in 100 s there)
+    # as a custom op and as the torch.autograd.Function they are now, in 131 s; any size has not finished yet)
     if kernels:
         monkeypatch.setattr(modeling_focal, "runs_triton_kernels", runs_everywhere)
     eager, fused = _pair("focal")
