@@ -243,12 +243,20 @@ def _gathered_attention_backward(
     tl.atomic_add(grad_bias_ptr + first_bias + bias_at, grad_bias, mask=bias_mask, sem="relaxed")
 
 
+def _time_configuration(kernel_call, quantiles):
+    """How `triton.autotune` times a launch configuration by default (the GPU driver's benchmarker), the driver looked
+    up when the tuning runs: Triton 3.3 (PyTorch 2.7's) looks it up when an autotuned kernel is defined, which made
+    importing this module fail where no GPU driver is found (PyTorch's CUDA builds on a machine without a GPU)."""
+    return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
 SHAPE = ["num_heads", "num_tokens", "WINDOW_AREA", "NUM_KEYS", "HEAD_DIM"]  # (what the tuning is kept for)
-_tuned_forward = triton.autotune(FORWARD_CONFIGS, key=SHAPE)(_gathered_attention_forward)
+_tuned_forward = triton.autotune(FORWARD_CONFIGS, key=SHAPE, do_bench=_time_configuration)(_gathered_attention_forward)
 _tuned_backward = triton.autotune(
     BACKWARD_CONFIGS,
     key=[*SHAPE, "batch_size"],
     reset_to_zero=["grad_query_ptr", "grad_key_ptr", "grad_value_ptr", "grad_bias_ptr"],
+    do_bench=_time_configuration,
 )(_gathered_attention_backward)
 
 
