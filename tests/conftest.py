@@ -16,7 +16,8 @@ from transformers_sdist import cache_root  # noqa: E402
 
 # torch.compile's cache, unless one is set: kept between runs in the tests' cache folder (warm, the slowest compiled
 # test took 90 s instead of 244, run from another clone), and emptied when a run starts with more than this in it
-# (each new clone or environment adds up to ~0.4 GB; torch's default folder, in /tmp, is never emptied)
+# (each new clone or environment adds up to ~0.4 GB; torch's default folder, in /tmp, is never emptied). Under
+# pytest-xdist (`-n 2`) the process that starts the run does it: its workers inherit TORCHINDUCTOR_CACHE_DIR
 COMPILE_CACHE_LIMIT = 2 * 2**30
 
 
