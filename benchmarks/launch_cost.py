@@ -14,7 +14,7 @@ between the call and the kernels' launches is what the step loses. Rows, from th
 - the forward kernel's launches alone: through `triton.autotune` (as the function launches it), and the kernel
   itself;
 - for scale: `torch.nn.functional.scaled_dot_product_attention` of the same queries (keys = queries), and one
-  `torch.zeros_like` of the keys in float32 (the backward op makes four such buffers).
+  `torch.zeros_like` of the projections in float32 (the backward function makes it, and one for the bias).
 
 Each row: the mean host time per call over `--calls` calls (until the call returns), and per call until the GPU has
 finished them all. Needs a CUDA GPU that runs the kernels (`modeling_focal.triton_runs_on`)."""
@@ -63,16 +63,18 @@ def per_call(function, calls: int) -> tuple[float, float]:
 
 def rows(arguments: tuple) -> dict:
     """The measured calls by name (see the module's docstring)."""
-    query, key, value, bias, key_index, num_heads, scaling = arguments
+    projections, bias, key_index, num_heads, scaling = arguments
     attention = modeling_focal.triton_gathered_attention
     output, logsumexp = triton_attention.fused_gathered_attention(*arguments)
     grad_output = torch.randn_like(output)
-    leaves = [tensor.clone().requires_grad_() for tensor in (query, key, value, bias)]
-    programs, sizes, constants = triton_attention._launch_arguments(query, key, bias, key_index, num_heads)
+    leaves = [tensor.clone().requires_grad_() for tensor in (projections, bias)]
+    programs, sizes, constants = triton_attention._launch_arguments(projections, bias, key_index, num_heads)
     tuned = triton_attention._tuned_forward
     config = tuned.cache[next(iter(tuned.cache))]  # (any tuned configuration: the launch's cost, not the kernel's)
-    kernel_arguments = (query, key, value, bias, key_index, torch.empty_like(query), logsumexp.clone(), *sizes, scaling)
+    sources = projections.chunk(3, dim=-1)
+    kernel_arguments = (*sources, bias, key_index, torch.empty_like(output), logsumexp.clone(), *sizes, scaling)
     num_windows, _, window_area, _ = bias.shape
+    query = output  # (as many queries, row-major)
     folded = query.view(len(query), num_windows, window_area, num_heads, -1).transpose(2, 3).flatten(1, 2)
 
     def without_autograd(function):
@@ -90,7 +92,7 @@ def rows(arguments: tuple) -> dict:
         "forward function": without_autograd(lambda: triton_attention.fused_gathered_attention(*arguments)),
         "backward function": without_autograd(
             lambda: triton_attention.fused_gathered_attention_backward(
-                grad_output, *arguments[:5], output, logsumexp, num_heads, scaling
+                grad_output, *arguments[:3], output, logsumexp, num_heads, scaling
             )
         ),
         "forward kernel through triton.autotune": lambda: tuned[(programs, len(query))](*kernel_arguments, **constants),
@@ -100,7 +102,7 @@ def rows(arguments: tuple) -> dict:
         f"torch SDPA {tuple(folded.shape)}": without_autograd(
             lambda: torch.nn.functional.scaled_dot_product_attention(folded, folded, folded)
         ),
-        "torch.zeros_like(key, float32)": lambda: torch.zeros_like(key, dtype=torch.float32),
+        "torch.zeros_like(projections, float32)": lambda: torch.zeros_like(projections, dtype=torch.float32),
     }
 
 
@@ -112,10 +114,10 @@ def main():
     args = parser.parse_args()
     require_cuda("launch_cost.py", "it measures on a CUDA GPU")
     arguments = block_arguments(args.batch_size, args.stage)
-    query, key, _, bias = arguments[:4]
+    projections, bias = arguments[:2]
     print(
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}: Focal-T stage {args.stage}, batch "
-        f"{args.batch_size}, bf16: queries {tuple(query.shape)}, keys {tuple(key.shape)}, bias {tuple(bias.shape)}"
+        f"{args.batch_size}, bf16: projections {tuple(projections.shape)}, bias {tuple(bias.shape)}"
     )
     print(f"{'µs per call':>12} {'with the GPU':>13}")
     for name, function in rows(arguments).items():

@@ -48,8 +48,9 @@ def compile_for_gpu(
     if INTERPRETED:
         raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1): unset it to compile them")
     meta = functools.partial(torch.empty, device="meta")
-    query, bias = meta(1, window_area, num_heads * head_dim, dtype=dtype), meta(1, num_heads, window_area, num_keys)
-    _, _, constants = _launch_arguments(query, query, bias, meta(1, num_keys, dtype=torch.int64), num_heads)
+    projections = meta(1, window_area, 3 * num_heads * head_dim, dtype=dtype)
+    bias = meta(1, num_heads, window_area, num_keys)
+    _, _, constants = _launch_arguments(projections, bias, meta(1, num_keys, dtype=torch.int64), num_heads)
     element = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     for name, kernel, configs in (
         ("forward", _gathered_attention_forward, FORWARD_CONFIGS),

@@ -27,7 +27,8 @@ def triton_attention():
 
 
 def assert_op_equals_the_cpu_op(query, key, value, bias, key_index):
-    output, logsumexp = modeling_focal.triton_gathered_attention(query, key, value, bias, key_index, 2, 0.3)
+    projections = modeling_focal.joined_projections(query, key, value)
+    output, logsumexp = modeling_focal.triton_gathered_attention(projections, bias, key_index, 2, 0.3)
     expected, expected_logsumexp = cpu_gathered_attention(query, key, value, bias, key_index, 2, 0.3)
     torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logsumexp, expected_logsumexp, atol=1e-5, rtol=1e-5)
@@ -50,6 +51,25 @@ def test_op_equals_the_cpu_op(triton_attention, monkeypatch, area, key_block):
     monkeypatch.setitem(triton_attention.INTERPRETED_FORWARD, "BLOCK_K", key_block)
     monkeypatch.setitem(triton_attention.INTERPRETED_BACKWARD, "BLOCK_K", key_block)
     assert_op_equals_the_cpu_op(*random_inputs(torch.float32, area=area))
+
+
+def test_kernels_take_the_projection_as_it_is():
+    # queries (the first rows), keys and values split from one projection's output are handed over as that output
+    # (its memory: nothing copied), whether `nn.Linear` computed it in two dimensions (its `_base`) or not; other
+    # tensors are joined by a copy, the shorter padded, so that the kernels read all three with one layout
+    linear = torch.nn.Linear(8, 3 * 4)
+    for output in (linear(torch.randn(2, 5, 8)), torch.randn(2, 5, 12).add(1)):
+        query, key, value = output.split(4, dim=-1)
+        projections = modeling_focal.joined_projections(query[:, :3], key, value)
+        assert projections.data_ptr() == output.data_ptr() and torch.equal(projections, output)
+    query, key, value = torch.randn(2, 6, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    for args in [(query, key, value), (query[:, :5], key, value.clone().transpose(0, 1).contiguous().transpose(0, 1))]:
+        projections = modeling_focal.joined_projections(*args)
+        rows = max(args[0].shape[1], key.shape[1])
+        assert projections.shape == (2, rows, 12)
+        for index, tensor in enumerate(args):
+            assert torch.equal(projections[:, : tensor.shape[1], 4 * index : 4 * (index + 1)], tensor)
+        assert not projections[:, args[0].shape[1] :, :4].any() and not projections[:, 5:, 4:].any()
 
 
 def test_tuned_launch_as_on_a_gpu(triton_attention, monkeypatch):
@@ -116,9 +136,16 @@ def test_focal_sdpa_takes_the_kernels_only_where_they_run(triton_attention, monk
 
 
 def count_kernel_calls(monkeypatch) -> list:
-    """The calls of the Triton kernels' attention from here on, counted (one item a call; `monkeypatch` undoes it)."""
+    """The calls of the Triton kernels' attention from here on, counted (one item a call: whether it was given a view
+    of another tensor's memory, as the `qkv` projection's output is, rather than a concatenation; `monkeypatch` undoes
+    it)."""
     kernel, calls = modeling_focal.triton_gathered_attention, []
-    monkeypatch.setattr(modeling_focal, "triton_gathered_attention", lambda *args: calls.append(1) or kernel(*args))
+
+    def counted(projections, *args):
+        calls.append(projections._base is not None)
+        return kernel(projections, *args)
+
+    monkeypatch.setattr(modeling_focal, "triton_gathered_attention", counted)
     return calls
 
 
@@ -134,7 +161,7 @@ def test_model_equals_eager_with_shift(triton_attention, monkeypatch, attention_
     calls = count_kernel_calls(monkeypatch)
     monkeypatch.setattr(modeling_focal, "runs_triton_kernels", runs_everywhere)
     assert_equals_eager_with_shift(attention_type, "focal_sdpa", size, dtype)
-    assert len(calls) == 7  # every block ran the kernels
+    assert calls == [True] * 7  # every block ran the kernels, on its projection's output (nothing copied)
 
 
 def test_gradient_checkpointing_runs_the_kernels_again(triton_attention, monkeypatch):
@@ -142,7 +169,7 @@ def test_gradient_checkpointing_runs_the_kernels_again(triton_attention, monkeyp
     calls = count_kernel_calls(monkeypatch)
     monkeypatch.setattr(modeling_focal, "runs_triton_kernels", runs_everywhere)
     assert_equals_eager_with_shift("focal", "focal_sdpa", (64, 64), torch.float32, checkpointing=True)
-    assert len(calls) == 2 * 7
+    assert calls == [True] * (2 * 7)
 
 
 def test_launch_cost_calls_run(triton_attention, monkeypatch):

@@ -746,8 +746,10 @@ cpu_gathered_attention = register_gathered_attention(
 
 
 class TritonGatheredAttention(torch.autograd.Function):
-    """The same attention on NVIDIA GPUs: the fused Triton kernels of `triton_attention` (forward and backward), as
-    `cpu_gathered_attention` takes and returns it; the inputs and both outputs saved for the backward pass.
+    """The same attention on NVIDIA GPUs: the fused Triton kernels of `triton_attention` (forward and backward), on
+    the queries, keys and values side by side as the `qkv` projection gives them (`joined_projections`), so that
+    neither pass copies them and the backward pass gives their gradient as the projection's, in one buffer; the inputs
+    and both outputs saved for the backward pass.
 
     A `torch.autograd.Function` that launches the kernels itself rather than a custom op (`torch.library.triton_op`):
     `focal_sdpa` runs it in eager mode only, where a GPU training step is bound by the host, and the op's dispatch and
@@ -756,9 +758,9 @@ class TritonGatheredAttention(torch.autograd.Function):
     on a GPU at one size: `benchmarks/test_gpu.py`)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, bias, key_index, num_heads: int, scaling: float):
-        output, logsumexp = fused_gathered_attention(query, key, value, bias, key_index, num_heads, scaling)
-        ctx.save_for_backward(query, key, value, bias, key_index, output, logsumexp)
+    def forward(ctx, projections, bias, key_index, num_heads: int, scaling: float):
+        output, logsumexp = fused_gathered_attention(projections, bias, key_index, num_heads, scaling)
+        ctx.save_for_backward(projections, bias, key_index, output, logsumexp)
         ctx.num_heads, ctx.scaling = num_heads, scaling
         ctx.mark_non_differentiable(logsumexp)
         return output, logsumexp
@@ -769,8 +771,8 @@ class TritonGatheredAttention(torch.autograd.Function):
         return *grads, None, None, None
 
 
-# `triton_gathered_attention(query, key, value, bias, key_index, num_heads, scaling) -> (output, logsumexp)`, where
-# Triton is installed
+# `triton_gathered_attention(projections, bias, key_index, num_heads, scaling) -> (output, logsumexp)`, where Triton
+# is installed
 triton_gathered_attention = None if fused_gathered_attention is None else TritonGatheredAttention.apply
 
 
@@ -789,6 +791,29 @@ def runs_triton_kernels(query: torch.Tensor, dropout: float) -> bool:
         and (torch.is_grad_enabled() or query.shape[0] >= TRITON_MIN_INFERENCE_BATCH)
         and triton_runs_on(query)
     )
+
+
+def joined_projections(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Queries, keys and values side by side, `(batch_size, num_tokens, 3 * dim)`, as `triton_gathered_attention`
+    takes them: the `qkv` projection's output where `query` (its first rows), `key` and `value` are its slices (as
+    `FocalAttention` makes them; autograd then gives the projection its gradient directly), else their concatenation
+    (rows padded with zeros to the longer of queries and keys), which is also what `torch.compile` traces (it cannot
+    trace the comparison of storage offsets)."""
+    # (the tensor the views share is the one `nn.Linear` computed, `(batch_size * num_tokens, 3 * dim)`)
+    (batch_size, num_tokens, dim), base = key.shape, key._base
+    if (
+        not torch.compiler.is_compiling()
+        and base is not None
+        and query._base is base
+        and value._base is base
+        and base.is_contiguous()
+        and base.numel() == batch_size * num_tokens * 3 * dim
+        and query.stride() == key.stride() == value.stride() == (num_tokens * 3 * dim, 3 * dim, 1)
+        and [t.storage_offset() - base.storage_offset() for t in (query, key, value)] == [0, dim, 2 * dim]
+    ):
+        return base.view(batch_size, num_tokens, 3 * dim)
+    rows = max(query.shape[1], key.shape[1])
+    return torch.cat([F.pad(tensor, (0, 0, 0, rows - tensor.shape[1])) for tensor in (query, key, value)], dim=-1)
 
 
 def triton_runs_on(tensor: torch.Tensor) -> bool:
@@ -833,7 +858,8 @@ def focal_sdpa_attention(
         )
     num_heads = attention_mask.shape[1]
     if runs_triton_kernels(query, dropout):
-        return triton_gathered_attention(query, key, value, attention_mask, key_index, num_heads, scaling)[0], None
+        projections = joined_projections(query, key, value)
+        return triton_gathered_attention(projections, attention_mask, key_index, num_heads, scaling)[0], None
     if query.device.type == "cpu" and dropout == 0.0 and not is_exporting():
         return cpu_gathered_attention(query, key, value, attention_mask, key_index, num_heads, scaling)[0], None
     return folded_sdpa_attention(query, key, value, key_index, attention_mask, scaling, dropout), None

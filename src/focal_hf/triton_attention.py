@@ -1,18 +1,20 @@
 # Copyright 2026 The focal-hf authors. Licensed under the Apache License, Version 2.0.
 """The GPU path of `focal_sdpa`: attention over gathered keys as two fused Triton kernels, launched and differentiated
 by `modeling_focal.TritonGatheredAttention` (`focal_sdpa_attention` runs it on NVIDIA GPUs from compute capability 8.0
-in bf16 and fp16, where Triton is installed; PyTorch's CUDA builds ship it). It takes what the CPU op takes (the keys'
-and values' sources, the key index and the per-window bias) and computes the same attention in one kernel per direction,
-with nothing materialised in between:
+in bf16 and fp16, where Triton is installed; PyTorch's CUDA builds ship it). It takes the queries, keys and values side
+by side as the `qkv` projection computes them (`(batch_size, num_tokens, 3 * dim)`, read where they are: nothing is
+copied), the key index and the per-window bias, and computes the CPU op's attention in one kernel per direction, with
+nothing materialised in between:
 
 - forward, a program per (window, head, block of 64 queries, image): the queries, the window's keys and values read
   row by row from the sources through the key index (no gathered copy) block by block with the bias tile, the
   softmax in float32 in registers (rescaled block by block, as flash attention), the output written in the queries'
   layout `(batch_size, num_windows * window_area, dim)` (no folding copy) with its log-sum-exp;
 - backward, a program per (window, head, block of queries, block of keys, group of images): the attention matrix
-  recomputed from the log-sum-exp, the gradients of queries, keys and values added into the queries' and the
-  sources' rows (float32 atomic adds: no gathered gradient and no `index_add_`), the bias gradient summed over the
-  group's images in registers and added once (no per-image bias gradient).
+  recomputed from the log-sum-exp, the gradients of queries, keys and values added into one buffer laid out as the
+  projections (float32 atomic adds: no gathered gradient, no `index_add_`, and the projection's gradient as one
+  tensor), the bias gradient summed over the group's images in registers and added once (no per-image bias
+  gradient).
 
 Key blocks, warps and images per backward program are chosen on the GPU by `triton.autotune` at the first call for
 each block shape (`tuned_configs()` says which). Under Triton's interpreter (`TRITON_INTERPRET=1`, on the CPU: how the
@@ -72,32 +74,34 @@ def _scores(query, keys, bias, key_ok, scaling, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _key_block(key_index_ptr, window, index_window_stride, index_key_stride, keys, key_ok, dim, columns, dim_ok):
+def _key_block(key_index_ptr, window, index_window_stride, index_key_stride, keys, key_ok, row_stride, columns, dim_ok):
     """Offsets (in a source image) and mask of a block of a window's keys (or values), `(keys, head_dim)`."""
     index = tl.load(key_index_ptr + window * index_window_stride + keys * index_key_stride, mask=key_ok, other=0)
-    return _tile(index.to(tl.int32), dim, columns, key_ok, dim_ok)
+    return _tile(index.to(tl.int32), row_stride, columns, key_ok, dim_ok)
 
 
 @triton.jit
-def _queries(window_head, query_block, num_heads, WINDOW_AREA, HEAD_DIM, BLOCK_A, BLOCK_D):
+def _queries(window_head, query_block, num_heads, row_stride, WINDOW_AREA, HEAD_DIM, BLOCK_A, BLOCK_D):
     """A program's window, head, rows of queries (with their mask), columns of the head (with theirs), and the
-    offsets and mask of its `(queries, head_dim)` tile of a window's queries."""
+    offsets of its `(queries, head_dim)` tile of a window's queries in the projections (rows `row_stride` apart) and
+    in the output (row-major), with its mask."""
     window, head = window_head // num_heads, window_head % num_heads
     rows, dims = query_block * BLOCK_A + tl.arange(0, BLOCK_A), tl.arange(0, BLOCK_D)
     row_ok, dim_ok = rows < WINDOW_AREA, dims < HEAD_DIM
     columns = head * HEAD_DIM + dims
-    queries_at, query_mask = _tile(rows, num_heads * HEAD_DIM, columns, row_ok, dim_ok)
-    return window, head, rows, row_ok, columns, dim_ok, queries_at, query_mask
+    queries_at, query_mask = _tile(rows, row_stride, columns, row_ok, dim_ok)
+    outputs_at, _ = _tile(rows, num_heads * HEAD_DIM, columns, row_ok, dim_ok)
+    return window, head, rows, row_ok, columns, dim_ok, queries_at, outputs_at, query_mask
 
 
 @triton.jit
-def _image_starts(image, window, head, num_windows, num_heads, num_tokens, WINDOW_AREA, HEAD_DIM):
-    """Where an image's window starts in the queries (and outputs), its sources in the keys and values, and its rows
-    for a head in the log-sum-exp."""
-    dim = num_heads * HEAD_DIM
-    first_query = (image * num_windows + window) * WINDOW_AREA * dim
+def _image_starts(image, window, head, num_windows, num_heads, image_stride, row_stride, WINDOW_AREA, HEAD_DIM):
+    """Where an image's window starts in the outputs and in the queries, its sources in the keys and values (rows
+    `row_stride` and images `image_stride` apart, as the queries'), and its rows for a head in the log-sum-exp."""
+    first_output = (image * num_windows + window) * WINDOW_AREA * num_heads * HEAD_DIM
+    first_query = image * image_stride + window * WINDOW_AREA * row_stride
     first_row = ((image * num_windows + window) * num_heads + head) * WINDOW_AREA
-    return first_query, image * num_tokens * dim, first_row
+    return first_output, first_query, image * image_stride, first_row
 
 
 @triton.jit
@@ -112,7 +116,8 @@ def _gathered_attention_forward(
     index_window_stride,
     index_key_stride,
     num_heads,
-    num_tokens,
+    image_stride,
+    row_stride,
     scaling,
     WINDOW_AREA: tl.constexpr,
     NUM_KEYS: tl.constexpr,
@@ -127,12 +132,11 @@ def _gathered_attention_forward(
     window_head, query_block = tl.program_id(0) // num_query_blocks, tl.program_id(0) % num_query_blocks
     image = tl.program_id(1).to(tl.int64)
     num_windows = tl.num_programs(0) // (num_query_blocks * num_heads)
-    window, head, rows, row_ok, columns, dim_ok, queries_at, query_mask = _queries(
-        window_head, query_block, num_heads, WINDOW_AREA, HEAD_DIM, BLOCK_A, BLOCK_D
+    window, head, rows, row_ok, columns, dim_ok, queries_at, outputs_at, query_mask = _queries(
+        window_head, query_block, num_heads, row_stride, WINDOW_AREA, HEAD_DIM, BLOCK_A, BLOCK_D
     )
-    dim = num_heads * HEAD_DIM
-    first_query, first_key, first_row = _image_starts(
-        image, window, head, num_windows, num_heads, num_tokens, WINDOW_AREA, HEAD_DIM
+    first_output, first_query, first_key, first_row = _image_starts(
+        image, window, head, num_windows, num_heads, image_stride, row_stride, WINDOW_AREA, HEAD_DIM
     )
     first_bias = window_head * WINDOW_AREA * NUM_KEYS
     query = tl.load(query_ptr + first_query + queries_at, mask=query_mask, other=0.0)
@@ -145,7 +149,7 @@ def _gathered_attention_forward(
         keys = first + tl.arange(0, BLOCK_K)
         key_ok = keys < NUM_KEYS
         keys_at, key_mask = _key_block(
-            key_index_ptr, window, index_window_stride, index_key_stride, keys, key_ok, dim, columns, dim_ok
+            key_index_ptr, window, index_window_stride, index_key_stride, keys, key_ok, row_stride, columns, dim_ok
         )
         bias_at, bias_mask = _tile(rows, NUM_KEYS, keys, row_ok, key_ok)
         bias = tl.load(bias_ptr + first_bias + bias_at, mask=bias_mask, other=0.0).to(tl.float32)
@@ -160,7 +164,7 @@ def _gathered_attention_forward(
         maximum = new_maximum
 
     output = output / total[:, None]
-    tl.store(output_ptr + first_query + queries_at, output.to(output_ptr.dtype.element_ty), mask=query_mask)
+    tl.store(output_ptr + first_output + outputs_at, output.to(output_ptr.dtype.element_ty), mask=query_mask)
     tl.store(logsumexp_ptr + first_row + rows, maximum + tl.log(total), mask=row_ok)
 
 
@@ -181,7 +185,8 @@ def _gathered_attention_backward(
     index_window_stride,
     index_key_stride,
     num_heads,
-    num_tokens,
+    image_stride,
+    row_stride,
     scaling,
     batch_size,
     WINDOW_AREA: tl.constexpr,
@@ -200,14 +205,13 @@ def _gathered_attention_backward(
     key_block = tl.program_id(0) // num_query_blocks % num_key_blocks
     window_head = tl.program_id(0) // (num_query_blocks * num_key_blocks)
     num_windows = tl.num_programs(0) // (num_query_blocks * num_key_blocks * num_heads)
-    window, head, rows, row_ok, columns, dim_ok, queries_at, query_mask = _queries(
-        window_head, query_block, num_heads, WINDOW_AREA, HEAD_DIM, BLOCK_A, BLOCK_D
+    window, head, rows, row_ok, columns, dim_ok, queries_at, outputs_at, query_mask = _queries(
+        window_head, query_block, num_heads, row_stride, WINDOW_AREA, HEAD_DIM, BLOCK_A, BLOCK_D
     )
-    dim = num_heads * HEAD_DIM
     keys = key_block * BLOCK_K + tl.arange(0, BLOCK_K)
     key_ok = keys < NUM_KEYS
     keys_at, key_mask = _key_block(
-        key_index_ptr, window, index_window_stride, index_key_stride, keys, key_ok, dim, columns, dim_ok
+        key_index_ptr, window, index_window_stride, index_key_stride, keys, key_ok, row_stride, columns, dim_ok
     )
     bias_at, bias_mask = _tile(rows, NUM_KEYS, keys, row_ok, key_ok)
     first_bias = window_head * WINDOW_AREA * NUM_KEYS
@@ -216,14 +220,14 @@ def _gathered_attention_backward(
 
     first_image = tl.program_id(1).to(tl.int64) * IMAGES_PER_PROGRAM
     for image in range(first_image, tl.minimum(first_image + IMAGES_PER_PROGRAM, batch_size)):
-        first_query, first_key, first_row = _image_starts(
-            image, window, head, num_windows, num_heads, num_tokens, WINDOW_AREA, HEAD_DIM
+        first_output, first_query, first_key, first_row = _image_starts(
+            image, window, head, num_windows, num_heads, image_stride, row_stride, WINDOW_AREA, HEAD_DIM
         )
         query = tl.load(query_ptr + first_query + queries_at, mask=query_mask, other=0.0)
         keys_tile = tl.load(key_ptr + first_key + keys_at, mask=key_mask, other=0.0)
         values = tl.load(value_ptr + first_key + keys_at, mask=key_mask, other=0.0)
-        grad_output = tl.load(grad_output_ptr + first_query + queries_at, mask=query_mask, other=0.0)
-        output = tl.load(output_ptr + first_query + queries_at, mask=query_mask, other=0.0)
+        grad_output = tl.load(grad_output_ptr + first_output + outputs_at, mask=query_mask, other=0.0)
+        output = tl.load(output_ptr + first_output + outputs_at, mask=query_mask, other=0.0)
         logsumexp = tl.load(logsumexp_ptr + first_row + rows, mask=row_ok, other=0.0)
 
         probs = tl.exp(_scores(query, keys_tile, bias, key_ok, scaling, PRECISION) - logsumexp[:, None])
@@ -250,7 +254,7 @@ def _time_configuration(kernel_call, quantiles):
     return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
 
 
-SHAPE = ["num_heads", "num_tokens", "WINDOW_AREA", "NUM_KEYS", "HEAD_DIM"]  # (what the tuning is kept for)
+SHAPE = ["num_heads", "image_stride", "WINDOW_AREA", "NUM_KEYS", "HEAD_DIM"]  # (what the tuning is kept for)
 _tuned_forward = triton.autotune(FORWARD_CONFIGS, key=SHAPE, do_bench=_time_configuration)(_gathered_attention_forward)
 _tuned_backward = triton.autotune(
     BACKWARD_CONFIGS,
@@ -271,82 +275,79 @@ def describe(config: triton.Config) -> str:
     return ", ".join([*(f"{name} {value}" for name, value in config.kwargs.items()), f"{config.num_warps} warps"])
 
 
-def _launch_arguments(query, key, bias, key_index, num_heads: int):
+def _launch_arguments(projections, bias, key_index, num_heads: int):
     """The size arguments and the compile-time constants that both kernels take."""
     num_windows, _, window_area, num_keys = bias.shape
-    head_dim = query.shape[-1] // num_heads
+    head_dim = projections.shape[-1] // (3 * num_heads)
     constants = {
         "WINDOW_AREA": window_area,
         "NUM_KEYS": num_keys,
         "HEAD_DIM": head_dim,
         "BLOCK_A": max(16, min(QUERY_BLOCK, triton.next_power_of_2(window_area))),
         "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
-        "PRECISION": "ieee" if query.dtype == torch.float32 else "tf32",  # (float32: no TF32 rounding)
+        "PRECISION": "ieee" if projections.dtype == torch.float32 else "tf32",  # (float32: no TF32 rounding)
     }
     num_query_blocks = -(-window_area // constants["BLOCK_A"])
-    return num_windows * num_heads * num_query_blocks, (*key_index.stride(), num_heads, key.shape[1]), constants
+    sizes = (*key_index.stride(), num_heads, *projections.stride()[:2])
+    return num_windows * num_heads * num_query_blocks, sizes, constants
 
 
 def fused_gathered_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    projections: torch.Tensor,
     bias: torch.Tensor,
     key_index: torch.Tensor,
     num_heads: int,
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """query `(batch_size, num_windows * window_area, dim)`, key and value `(batch_size, num_tokens, dim)`, bias
-    `(num_windows, num_heads, window_area, num_keys)`, key_index `(num_windows, num_keys)` -> the output `(batch_size,
-    num_windows * window_area, dim)` and its log-sum-exp `(batch_size, num_windows, num_heads, window_area)`
-    (float32), as `focal_hf.modeling_focal.cpu_gathered_attention`."""
-    query, key, value, bias = (tensor.contiguous() for tensor in (query, key, value, bias))
-    programs, sizes, constants = _launch_arguments(query, key, bias, key_index, num_heads)
-    output = torch.empty_like(query)
-    logsumexp = query.new_empty(len(query), bias.shape[0], num_heads, bias.shape[2], dtype=torch.float32)
+    """projections `(batch_size, num_tokens, 3 * dim)` (queries, keys and values side by side, as the `qkv`
+    projection gives them: the queries of the first `num_windows * window_area` tokens, the keys' and values' sources
+    of all), bias `(num_windows, num_heads, window_area, num_keys)`, key_index `(num_windows, num_keys)` -> the output
+    `(batch_size, num_windows * window_area, dim)` and its log-sum-exp `(batch_size, num_windows, num_heads,
+    window_area)` (float32), as `focal_hf.modeling_focal.cpu_gathered_attention`. The kernels read the projections
+    where they are (rows of `3 * dim`): nothing is copied."""
+    projections, bias = projections.contiguous(), bias.contiguous()
+    programs, sizes, constants = _launch_arguments(projections, bias, key_index, num_heads)
+    num_windows, _, window_area, _ = bias.shape
+    batch_size, dim = len(projections), projections.shape[-1] // 3
+    output = projections.new_empty(batch_size, num_windows * window_area, dim)
+    logsumexp = projections.new_empty(batch_size, num_windows, num_heads, window_area, dtype=torch.float32)
     kernel, launch = (_gathered_attention_forward, INTERPRETED_FORWARD) if INTERPRETED else (_tuned_forward, {})
-    kernel[(programs, len(query))](
-        query, key, value, bias, key_index, output, logsumexp, *sizes, scaling, **constants, **launch
+    kernel[(programs, batch_size)](
+        *projections.chunk(3, dim=-1), bias, key_index, output, logsumexp, *sizes, scaling, **constants, **launch
     )
     return output, logsumexp
 
 
 def fused_gathered_attention_backward(
     grad_output: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    projections: torch.Tensor,
     bias: torch.Tensor,
     key_index: torch.Tensor,
     output: torch.Tensor,
     logsumexp: torch.Tensor,
     num_heads: int,
     scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `query`, `key`, `value` and `bias`; the attention matrix recomputed from `logsumexp`."""
-    grad_output, query, key, value, bias = (t.contiguous() for t in (grad_output, query, key, value, bias))
-    programs, sizes, constants = _launch_arguments(query, key, bias, key_index, num_heads)
-    batch_size, num_keys = len(query), bias.shape[3]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `projections` (in their layout: one buffer for queries, keys and values) and of `bias`; the
+    attention matrix recomputed from `logsumexp`."""
+    grad_output, projections, bias = (t.contiguous() for t in (grad_output, projections, bias))
+    programs, sizes, constants = _launch_arguments(projections, bias, key_index, num_heads)
+    batch_size, num_keys = len(projections), bias.shape[3]
 
     def grid(meta):
         return programs * -(-num_keys // meta["BLOCK_K"]), -(-batch_size // meta["IMAGES_PER_PROGRAM"])
 
-    grad_query = torch.zeros_like(query, dtype=torch.float32)
-    grad_key, grad_value = (torch.zeros_like(key, dtype=torch.float32) for _ in range(2))
+    grad_projections = torch.zeros_like(projections, dtype=torch.float32)
     grad_bias = torch.zeros_like(bias, dtype=torch.float32)
     kernel, launch = (_gathered_attention_backward, INTERPRETED_BACKWARD) if INTERPRETED else (_tuned_backward, {})
     kernel[grid](
         grad_output,
-        query,
-        key,
-        value,
+        *projections.chunk(3, dim=-1),
         bias,
         key_index,
         output,
         logsumexp,
-        grad_query,
-        grad_key,
-        grad_value,
+        *grad_projections.chunk(3, dim=-1),
         grad_bias,
         *sizes,
         scaling,
@@ -354,5 +355,4 @@ def fused_gathered_attention_backward(
         **constants,
         **launch,
     )
-    grads = (grad_query, grad_key, grad_value, grad_bias)
-    return tuple(grad.to(tensor.dtype) for grad, tensor in zip(grads, (query, key, value, bias), strict=True))
+    return grad_projections.to(projections.dtype), grad_bias.to(bias.dtype)
