@@ -369,8 +369,9 @@ def test_gpu_memory_run_end_to_end():
 def test_gpu_memory_estimates_the_triton_kernels():
     # Focal-T on the meta device with focal_sdpa's GPU path, the Triton kernels (their launches counted, nothing run),
     # and without them (SDPA on the folded windows): without the gathered keys, their gradients and the per-image bias
-    # gradient the step moves far fewer bytes (0.85x at batch 16, 0.83x at 64; at batch 4 0.92x: the bias and the
-    # copies of the kernels' inputs into row-major layouts weigh more there), and holds no more memory
+    # gradient the step moves far fewer bytes (0.80x at batch 16, 0.77x at 64; at batch 4 0.88x: the bias weighs more
+    # there; 0.85x at batch 16 while the kernels copied their inputs into row-major layouts first), and holds no more
+    # memory
     pytest.importorskip("triton", reason="Triton has wheels for Linux on x86-64 only (setup.cfg's test extra)")
     figures = {}
     for what in ("--traffic", None):
@@ -385,7 +386,7 @@ def test_gpu_memory_estimates_the_triton_kernels():
             assert lines[-1].startswith("| focal-tiny | ")
             figures[what, without] = float(lines[-1].split("|")[2].split()[0].replace(",", ""))
     kernels, folded = (), ("triton-kernels",)
-    assert 0 < figures["--traffic", kernels] < 0.9 * figures["--traffic", folded], figures
+    assert 0 < figures["--traffic", kernels] < 0.83 * figures["--traffic", folded], figures
     assert 0 < figures[None, kernels] <= figures[None, folded], figures
 
 
