@@ -74,8 +74,8 @@ def rows(arguments: tuple) -> dict:
     sources = projections.chunk(3, dim=-1)
     kernel_arguments = (*sources, bias, key_index, torch.empty_like(output), logsumexp.clone(), *sizes, scaling)
     num_windows, _, window_area, _ = bias.shape
-    query = output  # (as many queries, row-major)
-    folded = query.view(len(query), num_windows, window_area, num_heads, -1).transpose(2, 3).flatten(1, 2)
+    # (the queries folded as torch's SDPA takes them: the output has their shape and layout)
+    folded = output.view(len(output), num_windows, window_area, num_heads, -1).transpose(2, 3).flatten(1, 2)
 
     def without_autograd(function):
         def call():
@@ -95,8 +95,10 @@ def rows(arguments: tuple) -> dict:
                 grad_output, *arguments[:3], output, logsumexp, num_heads, scaling
             )
         ),
-        "forward kernel through triton.autotune": lambda: tuned[(programs, len(query))](*kernel_arguments, **constants),
-        "forward kernel": lambda: triton_attention._gathered_attention_forward[(programs, len(query))](
+        "forward kernel through triton.autotune": lambda: tuned[(programs, len(projections))](
+            *kernel_arguments, **constants
+        ),
+        "forward kernel": lambda: triton_attention._gathered_attention_forward[(programs, len(projections))](
             *kernel_arguments, **constants, **config.kwargs, num_warps=config.num_warps
         ),
         f"torch SDPA {tuple(folded.shape)}": without_autograd(
