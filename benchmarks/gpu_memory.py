@@ -6,6 +6,7 @@
     python benchmarks/gpu_memory.py --traffic                       # the bytes read and written instead (GB)
     python benchmarks/gpu_memory.py --traffic --without triton-kernels  # focal_sdpa's GPU path without its kernels
     python benchmarks/gpu_memory.py --checkpointing --without triton-kernels  # with activation checkpointing
+    python benchmarks/gpu_memory.py --launches --image-sizes 224    # what a GPU's host launches per step instead
 
 Each model runs one training step as `benchmark.py --device cuda --dtype bf16` does (forward under bf16 autocast,
 backward, AdamW; after one step that creates the optimizer state) on PyTorch's meta device: tensors with shapes and
@@ -20,7 +21,10 @@ softmax and losses in float32) are applied by a function mode, since autocast ha
 same image size.
 
 With `--traffic` it counts instead the bytes that the step's operators read and write (`Traffic`), a proxy for the
-time a GPU spends on memory-bound work (copies, casts, gathers, elementwise operators).
+time a GPU spends on memory-bound work (copies, casts, gathers, elementwise operators). With `--launches` it counts
+what the step launches on a GPU (`Launches`: every operator but views, aliases and host reads, and each Triton kernel):
+where the host, not the GPU, sets a step's pace (`profile_gpu.py`), each launch costs it time whatever the kernel does
+(an aten operator's some µs, a Triton kernel's through `triton.autotune` ~55 µs), and the model's Python the rest.
 
 What it leaves out: the CUDA caching allocator's rounding and the kernels' workspaces. Checked against one real
 H200 (`benchmark.py`, torch 2.11; estimating the code measured there, which kept the gathered keys and values for
@@ -137,34 +141,46 @@ def training_step_peak(model: torch.nn.Module, batch_size: int, image_size: int,
     return peak - sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-class Traffic(TorchDispatchMode):
+class StepCount(TorchDispatchMode):
+    """A count kept over the operators dispatched within (`__torch_dispatch__`), to which `MetaLaunch` adds the
+    launches of focal_sdpa's Triton kernels (`kernel`), which dispatch no operator."""
+
+    ALIASES = {torch.ops.aten._unsafe_view.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default}
+
+    active: list[StepCount] = []  # (the counts entered, innermost last: what `MetaLaunch` adds to)
+
+    def __enter__(self):
+        StepCount.active.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc_info):
+        StepCount.active.remove(self)
+        return super().__exit__(*exc_info)
+
+    def kernel(self, args) -> None:
+        """Count a Triton kernel's launch with these arguments."""
+        raise NotImplementedError
+
+
+class Traffic(StepCount):
     """Counts the bytes the operators read and write: every tensor an operator takes or returns, except for views and
     aliases (which move nothing) and the inputs of factories such as `new_zeros` (which read nothing). A proxy for
     the time a GPU spends on memory-bound work; matrix products and attention kernels are counted by their operands
     too, well below what they cost."""
 
-    ALIASES = {torch.ops.aten._unsafe_view.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default}
     FACTORIES = {"new_zeros", "new_empty", "new_ones", "new_full", "empty_like", "zeros_like", "ones_like"}
-
-    active: list[Traffic] = []  # (the counts entered, innermost last: what `MetaLaunch` adds to)
 
     def __init__(self):
         super().__init__()
         self.bytes = 0
-
-    def __enter__(self):
-        Traffic.active.append(self)
-        return super().__enter__()
-
-    def __exit__(self, *exc_info):
-        Traffic.active.remove(self)
-        return super().__exit__(*exc_info)
 
     def count(self, moved) -> None:
         """Add the bytes of the tensors in `moved` (any nesting of lists, tuples and dicts)."""
         self.bytes += sum(
             tensor.numel() * tensor.element_size() for tensor in tree_leaves(moved) if isinstance(tensor, torch.Tensor)
         )
+
+    kernel = count  # (a kernel reads and writes its arguments)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         output = func(*args, **(kwargs or {}))
@@ -173,11 +189,30 @@ class Traffic(TorchDispatchMode):
         return output
 
 
+class Launches(StepCount):
+    """Counts what a GPU's host launches: every operator except views and aliases (which launch no kernel) and reads
+    of a value on the host (`_local_scalar_dense`: the optimizer's step counts), and each Triton kernel."""
+
+    HOST_ONLY = {torch.ops.aten._local_scalar_dense.default}
+
+    def __init__(self):
+        super().__init__()
+        self.launches = 0
+
+    def kernel(self, args) -> None:
+        self.launches += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (func.is_view or func in self.ALIASES or func in self.HOST_ONLY):
+            self.launches += 1
+        return func(*args, **(kwargs or {}))
+
+
 class MetaLaunch:
     """A Triton kernel of focal_sdpa on the meta device, where nothing runs: its launch (`kernel[grid](*args,
-    **meta)`) does nothing but count its tensor arguments as read and written (`Traffic`, if one is entered). The
-    kernels only read their inputs and write into tensors their callers allocated, so the memory a step holds is
-    what those allocations hold."""
+    **meta)`) does nothing but add itself to the innermost count entered (`StepCount`: its tensor arguments as read
+    and written for `Traffic`, one launch for `Launches`). The kernels only read their inputs and write into tensors
+    their callers allocated, so the memory a step holds is what those allocations hold."""
 
     KERNELS = ("_tuned_forward", "_tuned_backward", "_gathered_attention_forward", "_gathered_attention_backward")
 
@@ -186,8 +221,8 @@ class MetaLaunch:
 
     @staticmethod
     def launch(*args, **meta):
-        if Traffic.active:
-            Traffic.active[-1].count(args)
+        if StepCount.active:
+            StepCount.active[-1].kernel(args)
 
     @classmethod
     @contextlib.contextmanager
@@ -218,6 +253,23 @@ def training_step_traffic(model: torch.nn.Module, batch_size: int, image_size: i
     return traffic.bytes
 
 
+def training_step_launches(model: torch.nn.Module, batch_size: int, image_size: int, device: str = "meta") -> int:
+    """Launches (`Launches`) of one bf16-autocast training step of `model` with an existing AdamW state (also the
+    model's key layouts, which its first step builds and keeps)."""
+    step, _ = prepared_step(model, batch_size, image_size, device)
+    with Launches() as launches:
+        step()
+    return launches.launches
+
+
+# what `main` estimates, by option: the measure, its title and unit as printed, its JSON key, scale and decimals
+MEASURES = {
+    "peak": (training_step_peak, "peak memory", "peak MiB, less weights", "peak_mib", 2**20, 0),
+    "traffic": (training_step_traffic, "memory traffic", "GB read and written", "traffic_gb", 1e9, 1),
+    "launches": (training_step_launches, "launches", "operators and Triton kernels but views", "launches", 1, 0),
+}
+
+
 def estimate(
     name: str,
     batch_size: int,
@@ -226,9 +278,8 @@ def estimate(
     measure=training_step_peak,
     checkpointing: bool = False,
 ):
-    """`measure` (`training_step_peak` or `training_step_traffic`) of a `benchmark.py` model (Focal models without the
-    mechanisms named in `without`; with activation checkpointing if asked) on the meta device, SDPA and focal_sdpa as
-    on a CUDA GPU."""
+    """`measure` (a value of `MEASURES`) of a `benchmark.py` model (Focal models without the mechanisms named in
+    `without`; with activation checkpointing if asked) on the meta device, SDPA and focal_sdpa as on a CUDA GPU."""
     with torch.device("meta"):
         model = build_model(name, image_size, without=without)
     if checkpointing:
@@ -261,29 +312,34 @@ def main():
         choices=sorted(MECHANISMS),
         help="turn off these mechanisms of the Focal models (benchmark.py's; regathered-keys is the one for memory)",
     )
-    parser.add_argument(
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument(
         "--traffic",
         action="store_true",
         help="estimate the bytes the step's operators read and write (GB) instead of its peak memory",
+    )
+    what.add_argument(
+        "--launches",
+        action="store_true",
+        help="count what the step launches on a GPU (operators but views, and Triton kernels) instead",
     )
     parser.add_argument(
         "--checkpointing",
         action="store_true",
         help="with activation checkpointing (`activation_checkpointing_enable()`: each block run again in backward)",
     )
-    parser.add_argument("--json", help="also write the estimates (MiB, or GB with --traffic) to this JSON file")
+    parser.add_argument(
+        "--json", help="also write the estimates (MiB; GB with --traffic; counts with --launches) to this JSON file"
+    )
     args = parser.parse_args()
     models = [REFERENCE] + [name for name in args.models if name != REFERENCE]
     results = []
     without = tuple(args.without)
-    measure, unit, key, scale = (
-        (training_step_traffic, "GB read and written", "traffic_gb", 1e9)
-        if args.traffic
-        else (training_step_peak, "peak MiB, less weights", "peak_mib", 2**20)
-    )
+    measure, title, unit, key, scale, decimals = MEASURES[
+        "traffic" if args.traffic else "launches" if args.launches else "peak"
+    ]
     print(
-        f"estimated {'memory traffic' if args.traffic else 'peak memory'} of a bf16 training step on a CUDA GPU, batch "
-        f"{args.batch_size} ({unit})"
+        f"estimated {title} of a bf16 training step on a CUDA GPU, batch {args.batch_size} ({unit})"
         + (f"; Focal models without {', '.join(without)}" if without else "")
         + ("; activation checkpointing" if args.checkpointing else "")
         + ("" if modeling_focal.triton_gathered_attention else "; without Triton (focal_sdpa without its kernels)")
@@ -310,7 +366,7 @@ def main():
                 "checkpointing": checkpointing,
             }
             results.append({**result, key: figure / scale})
-            cells.append(f"{figure / scale:,.{1 if args.traffic else 0}f} ({figure / reference[size]:.2f}x)")
+            cells.append(f"{figure / scale:,.{decimals}f} ({figure / reference[size]:.2f}x)")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     if args.json:
         write_json(args.json, results)

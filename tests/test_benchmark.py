@@ -303,6 +303,51 @@ def test_traffic_counts_what_operators_read_and_write(gpu_memory):
     assert traffic.bytes == 192 + 128 + 128
 
 
+def test_launches_count_what_a_gpu_host_launches(gpu_memory):
+    import torch
+
+    first, second = (torch.randn(4, 4, device="meta") for _ in range(2))
+    with gpu_memory.Traffic() as traffic, gpu_memory.Launches() as launches:
+        total = first + second  # one kernel
+        total.view(16).t().detach()  # views and an alias: none
+        first.new_zeros(8, 4)  # a factory that fills its tensor: one
+        total.t().contiguous()  # a copy: one
+        gpu_memory.MetaLaunch()[(1,)](first, second)  # a Triton kernel: one, counted by the innermost count only
+    assert launches.launches == 4
+    assert traffic.bytes == 192 + 128 + 128  # (the outer count saw the operators, not the kernel)
+
+
+def test_gpu_memory_counts_what_a_step_launches(gpu_memory, monkeypatch, capsys):
+    # what a GPU's host launches in a Focal-T training step does not grow with the batch and holds the Triton kernels'
+    # launches (a forward and a backward kernel per block) in place of the folded call's operators, which are more (by
+    # at least 5 per block)
+    pytest.importorskip("triton", reason="Triton has wheels for Linux on x86-64 only (setup.cfg's test extra)")
+
+    def launches(batch_size, without=()):
+        return gpu_memory.estimate("focal-tiny", batch_size, 224, without, gpu_memory.training_step_launches)
+
+    kernels, counted = [], gpu_memory.MetaLaunch.launch
+
+    def launch(*args, **meta):
+        kernels.append(args)
+        counted(*args, **meta)
+
+    monkeypatch.setattr(gpu_memory.MetaLaunch, "launch", staticmethod(launch))
+    focal = launches(1)
+    assert launches(2) == focal > 1000
+    assert len(kernels) == 2 * 2 * 2 * 12  # two estimates of two steps (the first creates the optimizer state)
+    assert focal + 5 * 12 < launches(1, ("triton-kernels",))  # (80 fewer)
+    args = ["--launches", "--models", "focal-tiny", "--batch-size", "1", "--image-sizes", "224"]
+    monkeypatch.setattr("sys.argv", ["gpu_memory.py", *args])
+    gpu_memory.main()
+    lines = capsys.readouterr().out.splitlines()
+    unit = "operators and Triton kernels but views"
+    assert lines[0] == f"estimated launches of a bf16 training step on a CUDA GPU, batch 1 ({unit})"
+    swin = int(lines[3].split(" | ")[1].split()[0].replace(",", ""))
+    assert lines[3] == f"| swin-tiny | {swin:,} (1.00x) |"
+    assert lines[4] == f"| focal-tiny | {focal:,} ({focal / swin:.2f}x) |"
+
+
 def test_gpu_memory_estimate_runs_the_gpu_kernel_in_bf16(gpu_memory):
     import torch
     import torch.nn.functional as F
