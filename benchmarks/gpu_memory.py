@@ -254,8 +254,8 @@ def training_step_traffic(model: torch.nn.Module, batch_size: int, image_size: i
 
 
 def training_step_launches(model: torch.nn.Module, batch_size: int, image_size: int, device: str = "meta") -> int:
-    """Launches (`Launches`) of one bf16-autocast training step of `model` with an existing AdamW state (also the
-    model's key layouts, which its first step builds and keeps)."""
+    """Launches (`Launches`) of one bf16-autocast training step of `model` after a first one, which creates the AdamW
+    state and the key layouts that Focal models keep."""
     step, _ = prepared_step(model, batch_size, image_size, device)
     with Launches() as launches:
         step()
