@@ -9,6 +9,7 @@ machine's drift and the heap's state affect both alike.
     python benchmarks/ablation.py --device cuda --dtype bf16 --against /tmp/before/src/focal_hf --modes train-64
     python benchmarks/ablation.py --device cuda --dtype bf16 --without triton-kernels --modes train-64 infer-128
     python benchmarks/ablation.py --attention sdpa --modes infer-8           # another attention implementation
+    python benchmarks/ablation.py --against /tmp/before/src/focal_hf --exported --modes infer-2  # exported programs
 
 For each mode it prints both speeds (medians) and the speed-up the mechanisms give: the median over step pairs of
 (time without) / (time with), with its interquartile range; a mechanism whose range lies above 1.03 is worth more
@@ -20,6 +21,10 @@ measurement (`benchmark.py --without`).
 imported beside it as `focal_hf_other`, its model built with the same weights and run with its own default
 attention (registered as "focal_sdpa_other"); the columns are then this version and the other, the speed-up this
 version's. (Importing it maps transformers' Auto classes to its classes; this script does not use them.)
+
+`--exported` compares the two as `torch.export` programs instead (exported with symbolic batch size, height and
+width from an example at twice the image size, and run through their `.module()`; inference modes only): what a
+change is worth to exported and ONNX deployments, whose graphs compute the key layouts on every call.
 
 `--attention NAME` compares the model run with another attention implementation (any registered with transformers'
 `AttentionInterface`) with the same model run with the default `focal_sdpa`; the columns are then NAME and
@@ -118,6 +123,9 @@ def main():
     compared.add_argument("--against", metavar="DIR", help="another version's focal_hf package folder")
     compared.add_argument("--attention", metavar="NAME", help="an attention implementation to set against focal_sdpa")
     parser.add_argument("--modes", nargs="+", type=mode_type, help="default: as benchmark.py on the device")
+    parser.add_argument(
+        "--exported", action="store_true", help="compare their torch.export programs (inference modes only)"
+    )
     parser.add_argument("--image-size", type=positive_int, default=224)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="as benchmark.py's")
@@ -133,6 +141,10 @@ def main():
     if args.device == "cuda":
         require_cuda("ablation.py")
     modes = args.modes or DEFAULTS[args.device]["modes"]
+    if args.exported:
+        if args.modes and any(mode.startswith("train") for mode in args.modes):
+            parser.error(f"--exported: expected inference modes (infer-N) only, got {' '.join(args.modes)}")
+        modes = [mode for mode in modes if mode.startswith("infer")]
     cuda = args.device == "cuda"
     if not cuda:
         torch.set_num_threads(args.threads)
@@ -164,14 +176,16 @@ def main():
     where = torch.cuda.get_device_name() if cuda else f"{args.threads} threads"
     print(
         f"{args.model}, {args.image_size} px, {args.device} ({where}), {args.dtype}, torch {torch.__version__}: "
-        f"{compared}; medians of {args.steps} interleaved steps each"
+        f"{compared}{'; as exported programs' if args.exported else ''}; medians of {args.steps} interleaved steps each"
     )
     memory_columns = f" | peak MiB {columns[0]} | peak MiB {columns[1]}" if cuda else ""
     print(f"mode     | {columns[0]} (img/s) | {columns[1]} (img/s) | {columns[2]} (IQR){memory_columns}")
     for mode in modes:
         batch_size = int(mode.split("-")[1])
         steps = {  # (on copies: a bf16 inference mode casts its model's weights)
-            name: make_step(copy.deepcopy(model), mode, args.image_size, args.device, args.dtype)
+            name: make_step(
+                copy.deepcopy(model), mode, args.image_size, args.device, args.dtype, exported=args.exported
+            )
             for name, model in models.items()
         }
         synchronize = torch.cuda.synchronize if cuda else None

@@ -172,10 +172,12 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def make_step(model, mode: str, image_size: int, device: str, dtype: str, compiled: bool = False):
+def make_step(
+    model, mode: str, image_size: int, device: str, dtype: str, compiled: bool = False, exported: bool = False
+):
     """`model` (freshly built on the CPU) moved to `device`, and one step of `mode` for it (`make_phases`, run in
     order)."""
-    phases = make_phases(model, mode, image_size, device, dtype, compiled)
+    phases = make_phases(model, mode, image_size, device, dtype, compiled, exported)
 
     def step():
         for phase in phases.values():
@@ -184,14 +186,18 @@ def make_step(model, mode: str, image_size: int, device: str, dtype: str, compil
     return step
 
 
-def make_phases(model, mode: str, image_size: int, device: str, dtype: str, compiled: bool = False) -> dict:
+def make_phases(
+    model, mode: str, image_size: int, device: str, dtype: str, compiled: bool = False, exported: bool = False
+) -> dict:
     """`model` (freshly built on the CPU) moved to `device`, and the phases of one step of `mode` for it, in order,
-    as functions: inference ("forward": no autograd, eval mode; bf16 weights with `dtype` bf16) or a training step
-    ("forward", "backward", "optimizer": train mode, AdamW, fused off the CPU; bf16 autocast with `dtype` bf16), on
-    random images."""
+    as functions: inference ("forward": no autograd, eval mode; bf16 weights with `dtype` bf16; with `exported` the
+    model's `torch.export` program, `exported_for_every_size`) or a training step ("forward", "backward",
+    "optimizer": train mode, AdamW, fused off the CPU; bf16 autocast with `dtype` bf16), on random images."""
     import torch
 
     training = mode.startswith("train")
+    if exported and training:
+        raise ValueError(f"exported programs run inference modes (infer-N) only, got {mode}")
     batch_size = int(mode.split("-")[1])
     half = dtype == "bf16"
     model = model.to(device).train(training)
@@ -200,6 +206,8 @@ def make_phases(model, mode: str, image_size: int, device: str, dtype: str, comp
     if compiled:
         model = torch.compile(model, dynamic=False)
     input_dtype = torch.bfloat16 if half and not training else torch.float32
+    if exported:
+        model = exported_for_every_size(model, image_size, device, input_dtype)
     pixel_values = torch.randn(batch_size, 3, image_size, image_size, device=device, dtype=input_dtype)
     if not training:
 
@@ -225,6 +233,19 @@ def make_phases(model, mode: str, image_size: int, device: str, dtype: str, comp
         optimizer.zero_grad(set_to_none=True)
 
     return {"forward": forward, "backward": backward, "optimizer": update}
+
+
+def exported_for_every_size(model, image_size: int, device: str, dtype):
+    """`model`'s `torch.export` program with symbolic batch size, height and width, exported from an example at twice
+    `image_size` (where every stage of a model configured for `image_size` is at least two windows wide), as a
+    module."""
+    import torch
+    from torch.export import Dim
+
+    example = torch.randn(2, 3, 2 * image_size, 2 * image_size, device=device, dtype=dtype)
+    sizes = {"pixel_values": {0: Dim("batch"), 2: Dim("height", min=32), 3: Dim("width", min=32)}}
+    with torch.no_grad():
+        return torch.export.export(model, (example,), dynamic_shapes=sizes).module()
 
 
 def measure(model, spec: dict, device: str, dtype: str, iterations: int, warmup: int) -> dict:

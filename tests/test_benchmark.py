@@ -245,6 +245,20 @@ def test_ablation_against_another_version(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "expected a focal_hf package folder" in result.stderr
 
 
+def test_ablation_of_exported_programs():
+    # both models exported (symbolic batch size and sides), their programs' inference timed; training refused
+    args = ["--without", "inference-bias-cache", "--exported", "--modes", "infer-1", "--image-size", "64"]
+    result = run_script(*args, "--steps", "2", "--warmup", "1", script="ablation.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "without inference-bias-cache; as exported programs" in lines[0]
+    rows = [[cell.strip() for cell in line.split("|")] for line in lines[2:]]
+    assert [row[0] for row in rows] == ["infer-1"] and float(rows[0][1]) > 0 and float(rows[0][2]) > 0
+    result = run_script("--without", "inference-bias-cache", "--exported", "--modes", "train-2", script="ablation.py")
+    assert result.returncode != 0 and result.stdout == ""
+    assert "--exported: expected inference modes (infer-N) only, got train-2" in result.stderr.strip().splitlines()[-1]
+
+
 def test_ablation_with_another_attention():
     # transformers' SDPA (the keys gathered, the windows folded) against focal_sdpa (the CPU op)
     args = ["--attention", "sdpa", "--modes", "infer-1", "--image-size", "64", "--steps", "2"]

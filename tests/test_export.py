@@ -57,6 +57,14 @@ def test_exported_program_serves_every_size(model, exported):
         torch.testing.assert_close(logits, eager_logits(model, pixel_values), rtol=0, atol=1e-4)
 
 
+def test_exported_program_builds_a_key_layout_per_stage_not_per_block(model, exported):
+    # Focal-fast's blocks of a stage share one layout (`FocalStage`), whose graph has a `topk` per focal level: 4 stages
+    # x 2 levels, where a layout per block would be 6 x 2 (Focal's layouts take no `topk`)
+    layouts = len(model.config.depths) if model.config.attention_type == "focal_fast" else 0
+    topk = [node for node in exported.graph.nodes if node.target is torch.ops.aten.topk.default]
+    assert len(topk) == layouts * 2 and sum(model.config.depths) == 6
+
+
 def test_exported_program_states_its_minimum_size(exported):
     run = exported.module()
     for height, width in [(MIN_SIDE - 1, 64), (64, MIN_SIDE - 1)]:

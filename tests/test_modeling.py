@@ -179,6 +179,29 @@ def test_key_layouts_are_built_once_per_size(attention_type):
     assert cached_key_layout.cache_info().misses > misses
 
 
+@pytest.mark.parametrize("attention_type, layouts_per_stage", [("focal", [2, 2, 1, 1]), ("focal_fast", [1, 1, 1, 1])])
+def test_blocks_of_a_stage_share_their_key_layout_where_alike(attention_type, layouts_per_stage, monkeypatch):
+    # stages 1 and 2 alternate unshifted and shifted blocks, stage 3 (one window wide at 64 px) shifts none: Focal's
+    # shifted blocks have a layout of their own (the shifted-window mask), Focal-fast's layout does not depend on it
+    model = make(FocalModel, attention_type, depths=[3, 2, 2, 1], use_shift=True)
+    assert [model.config.block_geometry(stage, 1).shift_size > 0 for stage in range(3)] == [True, True, False]
+    built, received = [], {}
+    build = modeling_focal.key_layout
+    monkeypatch.setattr(modeling_focal, "key_layout", lambda *args: built.append(args[1][:2]) or build(*args))
+    for attention in model.modules():
+        if isinstance(attention, modeling_focal.FocalAttentionBase):
+            attention.register_forward_pre_hook(lambda module, args: received.setdefault(module, args[2]))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 80, 48))
+
+    sizes = [(20, 12), (10, 6), (5, 3), (3, 2)]  # the stages' maps
+    assert built == [size for size, count in zip(sizes, layouts_per_stage) for _ in range(count)]
+    assert len(received) == sum(model.config.depths)
+    for stage, size in zip(model.encoder.layers, sizes):
+        for block in stage.blocks:  # each block's own layout (one object per size and spec: `cached_key_layout`)
+            assert received[block.attention] is block.attention.key_layout(*size, torch.device("cpu"))
+
+
 @pytest.mark.parametrize(
     "pixel_values, message",
     [
