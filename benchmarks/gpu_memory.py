@@ -73,21 +73,34 @@ def _cast(value, dtype: torch.dtype):
 
 class Autocast(TorchFunctionMode):
     """bf16 autocast's casting rules for the functions models call, on any device (the meta device has none). Focal
-    models ask torch whether autocast is on to cast their projections' input once (`autocast_input`): torch says no
-    on the meta device, so that cast is made here as autocast on CUDA has it made."""
+    models ask torch whether autocast is on to cast their projections' input once (`autocast_input`) and to turn it
+    off around Focal-fast's position MLPs (`without_autocast`): torch says no on the meta device, so that cast is
+    made, and the rules paused, here as autocast on CUDA has it done."""
 
     def __enter__(self):
-        self._autocast_input = modeling_focal.autocast_input
+        self._replaced = modeling_focal.autocast_input, modeling_focal.without_autocast
         modeling_focal.autocast_input = functools.partial(_cast, dtype=torch.bfloat16)
+        modeling_focal.without_autocast = self.paused
+        self._paused = False
         return super().__enter__()
 
     def __exit__(self, *exc):
-        modeling_focal.autocast_input = self._autocast_input
+        modeling_focal.autocast_input, modeling_focal.without_autocast = self._replaced
         return super().__exit__(*exc)
+
+    @contextlib.contextmanager
+    def paused(self, device=None):
+        self._paused, paused = True, self._paused
+        try:
+            yield
+        finally:
+            self._paused = paused
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         dtype = torch.bfloat16 if func in LOW_PRECISION else torch.float32 if func in FULL_PRECISION else None
+        if self._paused:
+            dtype = None
         if dtype is not None:
             args, kwargs = _cast(args, dtype), {name: _cast(value, dtype) for name, value in kwargs.items()}
             if func in (F.softmax, torch.softmax, torch.Tensor.softmax):

@@ -682,6 +682,34 @@ def test_bfloat16_training_step_on_cpu():
     assert torch.nn.functional.cosine_similarity(flat, flat_reference, dim=0) > 0.98
 
 
+def test_drop_path_keeps_or_drops_whole_samples_and_scales_the_kept():
+    drop_path = modeling_focal.FocalDropPath(0.25).train()
+    hidden_states = torch.randn(4000, 5, 3, requires_grad=True)
+    output = drop_path(hidden_states)
+    kept = output.detach().flatten(1).ne(0).all(1)  # each sample either kept whole...
+    assert not output[~kept].any()  # ...or dropped whole
+    assert 0.72 < kept.float().mean() < 0.78
+    scale = torch.where(kept, 1 / 0.75, 0.0)[:, None, None]
+    torch.testing.assert_close(output, hidden_states * scale, rtol=0, atol=1e-6)
+    output.sum().backward()
+    torch.testing.assert_close(hidden_states.grad, scale.expand_as(hidden_states), rtol=0, atol=1e-6)
+    assert drop_path.eval()(hidden_states) is hidden_states
+    assert modeling_focal.FocalDropPath(0.0).train()(hidden_states) is hidden_states
+
+
+def test_focal_fast_position_mlps_run_in_float32_under_autocast():
+    model = make(FocalModel, "focal_fast").train()
+    attention = model.encoder.layers[0].blocks[0].attention
+    layout = attention.key_layout(16, 12, torch.device("cpu"))
+    reference = attention.position_bias(layout)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bias = attention.position_bias(layout)
+        assert modeling_focal.autocast_input(torch.ones(1)).dtype == torch.bfloat16  # (autocast is on here)
+    assert bias.dtype == torch.float32 and torch.equal(bias, reference)
+    bias.sum().backward()
+    assert all(p.grad is not None for p in attention.relative_position_mlps.parameters())
+
+
 def test_outputs_follow_in_place_parameter_changes_and_dtype():
     model = make(FocalForImageClassification)
     pixel_values = torch.randn(1, 3, 64, 64)

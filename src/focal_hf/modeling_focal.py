@@ -369,14 +369,15 @@ class FocalFastKeyLayout:
         to a multiple of `KEY_ALIGNMENT`.
     coords (`(num_coords, 2)`): every query-to-key offset (in tokens) that can occur on this map, a dense grid:
         each level's position MLP is evaluated on it once.
-    coord_index (`list` of `(num_windows, window_size**2, num_level_keys)`, one per level): for each (window,
-        query, key) of the level, the row of `coords` that holds its offset.
+    coord_index (`(num_windows, window_size**2, num_real_keys)`): for each (window, query, key), the row that
+        holds its offset in the levels' position MLP outputs stacked (`focal_level * num_coords` rows: level `l`'s
+        key at `l * num_coords` plus the row of `coords` that holds its offset).
     key_mask (`(num_windows, 1, num_keys)`): -inf on the padding keys, 0 elsewhere.
     """
 
     key_index: torch.Tensor
     coords: torch.Tensor
-    coord_index: list[torch.Tensor]
+    coord_index: torch.Tensor
     key_mask: torch.Tensor
 
 
@@ -424,10 +425,11 @@ def focal_fast_key_layout(
             key_index.append(start + index)
             start = start + (grid_h * 2 ** (level - 1)) * (grid_w * 2 ** (level - 1))
         offsets = relative[:, :, None, :] + in_window[:, None, :, None]  # 2, num_windows, window_area, k
-        coord_index.append((offsets[0] + padded_h) * (2 * padded_w + 1) + offsets[1] + padded_w)
+        rows = (offsets[0] + padded_h) * (2 * padded_w + 1) + offsets[1] + padded_w
+        coord_index.append(level * coords.shape[0] + rows)
     key_index = torch.cat(key_index, dim=1)
     key_index, key_mask = pad_keys(key_index, torch.zeros(key_index.shape[0], 1, key_index.shape[1], device=device))
-    return FocalFastKeyLayout(key_index, coords, coord_index, key_mask)
+    return FocalFastKeyLayout(key_index, coords, torch.cat(coord_index, dim=-1), key_mask)
 
 
 @functools.lru_cache(maxsize=256)
@@ -465,9 +467,9 @@ class FocalDropPath(nn.Module):
             return hidden_states
         keep_prob = 1 - self.drop_prob
         shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
-        noise = torch.rand(shape, dtype=hidden_states.dtype, device=hidden_states.device)
-        random_tensor = torch.floor(keep_prob + noise)
-        return hidden_states.div(keep_prob) * random_tensor
+        # one product with each sample's 0 or 1 / keep_prob (forward and backward: one pass over the activations)
+        scale = hidden_states.new_empty(shape).bernoulli_(keep_prob).div_(keep_prob)
+        return hidden_states * scale
 
     def extra_repr(self) -> str:
         return f"p={self.drop_prob}"
@@ -1040,15 +1042,24 @@ class FocalWindowPooling(nn.Module):
         return [self.pool_level(hidden_states, level) for level in range(self.num_levels)]
 
 
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether autocast is on for `device`'s type. (Devices without autocast, such as `meta`, are asked first in eager
+    mode only: dynamo before torch 2.12 cannot trace `is_autocast_available`.)"""
+    available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device.type)
+    return available and torch.is_autocast_enabled(device.type)
+
+
 def autocast_input(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` in the dtype that autocast, where it is enabled, gives the inputs of matrix products (cast before it
-    is copied, so that the copy moves fewer bytes). Itself otherwise. (Devices without autocast, such as `meta`, are
-    asked first in eager mode only: dynamo before torch 2.12 cannot trace `is_autocast_available`.)"""
-    device = tensor.device.type
-    available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device)
-    if available and torch.is_autocast_enabled(device):
-        return tensor.to(torch.get_autocast_dtype(device))
+    is copied, so that the copy moves fewer bytes). Itself otherwise."""
+    if autocast_enabled(tensor.device):
+        return tensor.to(torch.get_autocast_dtype(tensor.device.type))
     return tensor
+
+
+def without_autocast(device: torch.device):
+    """A context with autocast off for `device`'s type where it is on; nothing otherwise."""
+    return torch.autocast(device.type, enabled=False) if autocast_enabled(device) else contextlib.nullcontext()
 
 
 class FocalAttentionBase(nn.Module):
@@ -1194,12 +1205,13 @@ class FocalAttentionBase(nn.Module):
 
 class FocalPooledBiasTables(nn.ParameterList):
     """The relative position bias tables to each pooled level's neighbourhood, `(num_heads, num_positions)` each,
-    called as a module with each level's index: `[(num_heads, *index.shape), ...]`."""
+    called as a module (so that offloading hooks load them) with the attention's other tables: all of them side by
+    side, `(num_heads, total_positions)`."""
 
     __call__ = nn.Module.__call__  # (a plain ParameterList refuses to be called)
 
-    def forward(self, indices: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [table[:, index] for table, index in zip(self, indices, strict=True)]
+    def forward(self, other_tables: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([*other_tables, *self], dim=1)
 
 
 class FocalSelfAttention(FocalAttentionBase):
@@ -1232,20 +1244,31 @@ class FocalSelfAttention(FocalAttentionBase):
         ]
 
     def _index_buffers(self) -> dict[str, torch.Tensor]:
-        """Static indices into the bias tables (not saved; `_init_weights` recomputes them): the relative positions
-        within the window and to each level's pooled neighbourhood, and the slots of each fine key (`fine_keys`),
-        padded with an extra slot."""
+        """The static index into the bias tables (not saved; `_init_weights` recomputes it), `position_bias_index`
+        `(window_size**2, num_real_keys, slots_per_key)`: for each query and key, the positions of its official slots
+        in the tables side by side (`FocalPooledBiasTables`: the table within the window, the one to the
+        surroundings, then each pooled level's), padded with the position of a -inf after them. A fine key stands for
+        one or two slots (`fine_keys`), a pooled key for one."""
         window_size = self.geometry.window_size
-        slots = fine_keys(self.geometry)[1]
-        num_slots, width = sum(len(group) for group in slots), max(len(group) for group in slots)
-        buffers = {
-            "relative_position_index": relative_position_index(window_size, window_size).flatten(),
-            "fine_key_slots": torch.tensor([group + [num_slots] * (width - len(group)) for group in slots]),
-        }
-        for level, side in enumerate(self._pooled_sides()):
-            index = relative_position_index(window_size, side).flatten()
-            buffers[f"relative_position_index_to_windows_{level}"] = index
-        return buffers
+        window_area = window_size**2
+        within = relative_position_index(window_size, window_size)  # window_area, window_area
+        num_neighbors = 0
+        if self.relative_position_bias_table_to_neighbors is not None:
+            num_neighbors = self.relative_position_bias_table_to_neighbors.shape[-1]
+        # the position of every (query, official fine slot): within the window, then to the surroundings
+        offset = (2 * window_size - 1) ** 2
+        to_neighbors = offset + torch.arange(window_area * num_neighbors).view(window_area, num_neighbors)
+        fine_slots = torch.cat([within, to_neighbors], dim=1)
+        offset += window_area * num_neighbors
+        keys = [[fine_slots[:, slot] for slot in group] for group in fine_keys(self.geometry)[1]]
+        for side in self._pooled_sides():
+            to_windows = relative_position_index(window_size, side)  # window_area, side**2
+            keys += [[offset + to_windows[:, key]] for key in range(side**2)]
+            offset += (window_size + side - 1) ** 2
+        width = max(len(slots) for slots in keys)
+        padding = torch.full((window_area,), offset)  # the -inf after the tables
+        index = [torch.stack(slots + [padding] * (width - len(slots)), dim=-1) for slots in keys]
+        return {"position_bias_index": torch.stack(index, dim=1)}
 
     def reset_index_buffers(self) -> None:
         """Recompute the index buffers (`from_pretrained` builds models on the meta device)."""
@@ -1253,20 +1276,17 @@ class FocalSelfAttention(FocalAttentionBase):
             init.copy_(getattr(self, name), index)
 
     def position_bias(self, layout: FocalKeyLayout) -> torch.Tensor:
-        """The same for every window: `(1, num_heads, window_size**2, num_real_keys)`. A fine key standing for
-        several official slots (`fine_keys`) gets the log-sum-exp of their biases:
-        `exp(s + a) + exp(s + b) = exp(s + log(exp(a) + exp(b)))`."""
-        window_area = self.geometry.window_size**2
-        table = self.relative_position_bias_table[self.relative_position_index]
-        fine = [table.view(window_area, window_area, -1).permute(2, 0, 1)]  # num_heads, window_area, slots
+        """The same for every window: `(1, num_heads, window_size**2, num_real_keys)`, one gather from the tables side
+        by side (`position_bias_index`). A fine key standing for two official slots (`fine_keys`) gets the
+        log-sum-exp of their biases: `exp(s + a) + exp(s + b) = exp(s + log(exp(a) + exp(b)))`."""
+        tables = [self.relative_position_bias_table.t()]
         if self.relative_position_bias_table_to_neighbors is not None:
-            fine.append(self.relative_position_bias_table_to_neighbors[0])
-        fine = F.pad(torch.cat(fine, dim=-1), (0, 1), value=float("-inf"))[:, :, self.fine_key_slots]
-        bias = [fine.logsumexp(-1) if fine.shape[-1] > 1 else fine[..., 0]]
-        tables = self.relative_position_bias_table_to_windows
-        indices = [getattr(self, f"relative_position_index_to_windows_{level}") for level in range(len(tables))]
-        bias += [pooled.view(self.num_heads, window_area, -1) for pooled in tables(indices)]
-        return torch.cat(bias, dim=-1)[None]
+            tables.append(self.relative_position_bias_table_to_neighbors.view(self.num_heads, -1))
+        tables = F.pad(self.relative_position_bias_table_to_windows(tables), (0, 1), value=float("-inf"))
+        index = self.position_bias_index
+        bias = tables.index_select(1, index.flatten()).view(self.num_heads, *index.shape)
+        bias = bias.logsumexp(-1) if index.shape[-1] > 1 else bias.squeeze(-1)
+        return bias[None]
 
 
 class FocalFastSelfAttention(FocalAttentionBase):
@@ -1282,11 +1302,15 @@ class FocalFastSelfAttention(FocalAttentionBase):
         )
 
     def position_bias(self, layout: FocalFastKeyLayout) -> torch.Tensor:
-        """Each level's MLP on every offset of the map, read per (window, query, key): `(num_windows, num_heads,
-        window_size**2, num_real_keys)`."""
+        """Each level's MLP on every offset of the map, read per (window, query, key) in one gather: `(num_windows,
+        num_heads, window_size**2, num_real_keys)`. The MLPs run in their weights' dtype also under autocast: tiny
+        products, where autocast's casts (five a level, and their gradients' four) would cost more than they save."""
         coords = layout.coords.to(self.relative_position_mlps[0][0].weight.dtype)
-        bias = [mlp(coords).t()[:, index] for mlp, index in zip(self.relative_position_mlps, layout.coord_index)]
-        return torch.cat(bias, dim=-1).transpose(0, 1).clone(memory_format=torch.contiguous_format)
+        with without_autocast(coords.device):
+            bias = torch.cat([mlp(coords) for mlp in self.relative_position_mlps])  # levels * num_coords, num_heads
+        index = layout.coord_index
+        bias = bias.index_select(0, index.flatten()).view(*index.shape, self.num_heads)
+        return bias.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
 
 
 FOCAL_ATTENTION_CLASSES = {"focal": FocalSelfAttention, "focal_fast": FocalFastSelfAttention}
