@@ -1211,7 +1211,8 @@ class FocalPooledBiasTables(nn.ParameterList):
     __call__ = nn.Module.__call__  # (a plain ParameterList refuses to be called)
 
     def forward(self, other_tables: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([*other_tables, *self], dim=1)
+        # (by index: dynamo before torch 2.12 cannot unpack a ParameterList's generator)
+        return torch.cat(other_tables + [self[level] for level in range(len(self))], dim=1)
 
 
 class FocalSelfAttention(FocalAttentionBase):
