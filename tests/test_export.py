@@ -5,6 +5,9 @@ graph, a training step compiled by inductor, a mixed-precision step compiled who
 Tiny four-stage models with shifted windows, both attention types; each model and its exported program (also the
 ONNX test's source) are built once per attention type: tracing is the slow part."""
 
+import subprocess
+import sys
+
 import onnxruntime
 import pytest
 import torch
@@ -71,6 +74,21 @@ def test_exported_program_states_its_minimum_size(exported):
         # torch's input check: "Guard failed: pixel_values.size()[2] >= 32"
         with pytest.raises((AssertionError, RuntimeError), match=rf"pixel_values.*>= {MIN_SIDE}"):
             run(torch.randn(1, 3, height, width))
+
+
+def test_saved_program_loads_where_focal_hf_is_imported(model, exported, tmp_path):
+    path = tmp_path / "focal.pt2"
+    torch.export.save(exported, path)
+    pixel_values = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        logits = torch.export.load(path).module()(pixel_values).logits
+    torch.testing.assert_close(logits, eager_logits(model, pixel_values), rtol=0, atol=1e-4)
+    # in a fresh process the output classes must be registered first (as for any transformers model's program)
+    load = f"import torch; torch.export.load({str(path)!r}).module()(torch.randn(1, 3, 64, 64))"
+    for prelude, works in [("import focal_hf; ", True), ("", False)]:
+        run = subprocess.run([sys.executable, "-c", prelude + load], capture_output=True, text=True, timeout=300)
+        assert (run.returncode == 0) == works, run.stderr[-2000:]
+        assert works or "is not registered" in run.stderr
 
 
 def test_focal_tiny_exported_at_224_runs_at_other_sizes():
